@@ -1,0 +1,116 @@
+"""Orbax checkpoints of any pytree (a TrainState, unlearning state, ...), restored into abstract targets.
+
+Saves are atomic (Orbax writes to a temporary directory and renames it), so an interrupted run
+never leaves a half-written checkpoint behind; :meth:`Checkpointer.restore_latest` resumes from the
+newest complete one. Restoring always goes through an abstract target built from a template
+(``ocp.utils.to_shape_dtype_struct``), so optax NamedTuples come back as NamedTuples, and a
+checkpoint whose tree structure, shapes or dtypes differ from the template is refused with an
+error that names the first mismatching leaf.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+__all__ = ["Checkpointer", "CheckpointMismatchError", "tree_signature"]
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint on disk does not match the tree it is restored into."""
+
+
+def tree_signature(tree) -> dict[str, str]:
+    """``{leaf path: "dtype[shape]"}`` for every array leaf of ``tree``."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        arr = np.asarray(leaf) if not hasattr(leaf, "shape") else leaf
+        out[jax.tree_util.keystr(path)] = f"{np.dtype(arr.dtype).name}{list(arr.shape)}"
+    return out
+
+
+class Checkpointer:
+    """Numbered checkpoints of one pytree under a directory.
+
+    Args:
+      directory: where the checkpoints live (created if missing).
+      max_to_keep: how many of the newest checkpoints to keep.
+    """
+
+    SIGNATURE = "signature.json"
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
+        self.directory = os.path.abspath(os.fspath(directory))
+        os.makedirs(self.directory, exist_ok=True)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
+
+    def save(self, step: int, tree: Any) -> None:
+        """Save ``tree`` as checkpoint ``step`` and wait until it is on disk."""
+        self._manager.save(int(step), args=ocp.args.StandardSave(tree), force=True)
+        self._manager.wait_until_finished()
+        sig_path = os.path.join(self.directory, self.SIGNATURE)
+        tmp = sig_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(tree_signature(tree), f, indent=1, sort_keys=True)
+        os.replace(tmp, sig_path)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def restore(self, step: int, template: Any) -> Any:
+        """Restore checkpoint ``step`` into the structure, shapes and dtypes of ``template``."""
+        self._check_signature(template)
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+        try:
+            return self._manager.restore(int(step), args=ocp.args.StandardRestore(abstract))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointMismatchError(
+                f"checkpoint {step} in {self.directory} does not match the model/state it is "
+                f"restored into: {e}") from e
+
+    def restore_latest(self, template: Any) -> tuple[int, Any] | None:
+        """``(step, tree)`` of the newest checkpoint, or None if there is none."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        return step, self.restore(step, template)
+
+    def _check_signature(self, template) -> None:
+        sig_path = os.path.join(self.directory, self.SIGNATURE)
+        if not os.path.exists(sig_path):
+            return
+        with open(sig_path) as f:
+            saved = json.load(f)
+        want = tree_signature(template)
+        if saved == want:
+            return
+        missing = sorted(set(want) - set(saved))
+        extra = sorted(set(saved) - set(want))
+        differ = sorted(k for k in set(want) & set(saved) if want[k] != saved[k])
+        parts = []
+        if differ:
+            k = differ[0]
+            parts.append(f"leaf {k} is {saved[k]} on disk but {want[k]} in the model")
+        if missing:
+            parts.append(f"{len(missing)} leaves missing from the checkpoint (first: {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected leaves in the checkpoint (first: {extra[0]})")
+        raise CheckpointMismatchError(
+            f"checkpoint in {self.directory} does not match the model: " + "; ".join(parts))
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,74 @@
+"""Weighted, padded batching: static shapes so nothing recompiles.
+
+A batch is ``{"x": [B, ...], "y": [B], "weight": [B], "group": [B], "index": [B]}`` (DESIGN.md).
+Samples whose weight is exactly 0 are never scheduled, so training with weight 0 is the same as
+training without the sample; the last batch is padded with weight-0 copies of real samples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["batch_plan", "gather_batch", "num_batches", "iterate_batches", "split_size"]
+
+
+def split_size(split: dict) -> int:
+    """Number of samples in a split dict (length of ``y``, else of ``x``)."""
+    return int(np.shape(split["y"] if "y" in split else split["x"])[0])
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return max(1, math.ceil(n / batch_size))
+
+
+def batch_plan(n: int, batch_size: int, *, key: jax.Array | None = None,
+               weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Index and weight matrices [num_batches, batch_size] for one pass over ``n`` samples.
+
+    Args:
+      n: dataset size.
+      batch_size: B.
+      key: shuffle with this key (None: keep order).
+      weight: optional [n] per-sample weights (default 1). Samples with weight 0 are dropped.
+
+    Returns:
+      ``(index, weight)``; padding slots repeat index 0 of the plan with weight 0.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    w = np.ones(n, np.float32) if weight is None else np.asarray(weight, np.float32)
+    if w.shape != (n,):
+        raise ValueError(f"weight has shape {w.shape}, expected ({n},)")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("weight contains NaN or inf")
+    active = np.flatnonzero(w != 0)
+    if active.size == 0:
+        raise ValueError("every sample has weight 0: nothing to batch")
+    if key is not None:
+        active = active[np.asarray(jax.random.permutation(key, active.size))]
+    nb = num_batches(active.size, batch_size)
+    pad = nb * batch_size - active.size
+    index = np.concatenate([active, np.full(pad, active[0], active.dtype)]).reshape(nb, batch_size)
+    bw = np.concatenate([w[active], np.zeros(pad, np.float32)]).reshape(nb, batch_size)
+    return index.astype(np.int32), bw
+
+
+def gather_batch(data: dict, index, weight) -> dict:
+    """Select rows ``index`` [B] of every array in ``data`` and attach ``weight`` [B] (jit-able)."""
+    batch = {k: v[index] for k, v in data.items() if k != "weight"}
+    batch["weight"] = weight
+    if "index" not in batch:
+        batch["index"] = index
+    return batch
+
+
+def iterate_batches(data: dict, batch_size: int, *, key=None, weight=None):
+    """Yield padded numpy batches (host-side iteration, e.g. for evaluation or user loops)."""
+    n = split_size(data)
+    index, bw = batch_plan(n, batch_size, key=key, weight=weight)
+    for i in range(index.shape[0]):
+        yield gather_batch({k: np.asarray(v) for k, v in data.items()}, index[i], bw[i])
