@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["batch_plan", "gather_batch", "num_batches", "iterate_batches", "split_size"]
