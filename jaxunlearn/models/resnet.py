@@ -32,6 +32,11 @@ _STEM_DOWNSAMPLE = {"cifar": 1, "imagenet": 4}
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming
 
 
+def _conv(features: int, k: int, strides: int, name: str, dtype: Any) -> nn.Conv:
+    return nn.Conv(features, (k, k), (strides, strides), padding="SAME", use_bias=False,
+                   kernel_init=_conv_init, dtype=dtype, name=name)
+
+
 def _bn(name: str, train: bool, dtype: Any) -> nn.BatchNorm:
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                         dtype=dtype, name=name)
@@ -54,8 +59,7 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, mask=None):
         m = _bn_mask(mask, train)
-        conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding="SAME", use_bias=False,
-                                             kernel_init=_conv_init, dtype=self.dtype, name=name)
+        conv = lambda f, k, s, name: _conv(f, k, s, name, self.dtype)
         y = conv(self.filters, 3, self.strides, "conv1")(x)
         y = nn.relu(_bn("bn1", train, self.dtype)(y, mask=m))
         y = conv(self.filters, 3, 1, "conv2")(y)
@@ -78,8 +82,7 @@ class Bottleneck(nn.Module):
     def __call__(self, x, train: bool = False, mask=None):
         m = _bn_mask(mask, train)
         out = self.filters * self.expansion
-        conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding="SAME", use_bias=False,
-                                             kernel_init=_conv_init, dtype=self.dtype, name=name)
+        conv = lambda f, k, s, name: _conv(f, k, s, name, self.dtype)
         y = conv(self.filters, 1, 1, "conv1")(x)
         y = nn.relu(_bn("bn1", train, self.dtype)(y, mask=m))
         y = conv(self.filters, 3, self.strides, "conv2")(y)
@@ -100,8 +103,7 @@ class _Stem(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, mask=None):
         k, s = (3, 1) if self.kind == "cifar" else (7, 2)
-        x = nn.Conv(self.width, (k, k), (s, s), padding="SAME", use_bias=False,
-                    kernel_init=_conv_init, dtype=self.dtype, name="conv")(x)
+        x = _conv(self.width, k, s, "conv", self.dtype)(x)
         x = nn.relu(_bn("bn", train, self.dtype)(x, mask=_bn_mask(mask, train)))
         if self.kind == "imagenet":
             x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")

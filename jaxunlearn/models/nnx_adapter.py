@@ -1,0 +1,102 @@
+"""Use a Flax NNX module as a :class:`~jaxunlearn.models.api.Model`.
+
+NNX modules are stateful objects; the rest of jaxunlearn wants pure ``init``/``apply`` over plain
+dicts. :func:`from_nnx` splits the module into a static graph and pure-dict collections
+(``nnx.Param -> "params"``, ``nnx.BatchStat -> "batch_stats"``, any other state ->
+``"nnx_state"``) and merges them back on every ``apply``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+from jaxunlearn.models.api import Model, check_input
+
+__all__ = ["from_nnx", "NNX_NORM_TYPES"]
+
+NNX_NORM_TYPES = (nnx.BatchNorm, nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm)
+
+
+def _split(module) -> dict:
+    _, params, stats, rest = nnx.split(module, nnx.Param, nnx.BatchStat, ...)
+    out = {"params": nnx.to_pure_dict(params)}
+    for name, state in (("batch_stats", stats), ("nnx_state", rest)):
+        pure = nnx.to_pure_dict(state)
+        if pure:
+            out[name] = pure
+    return out
+
+
+def _has(tree, path) -> bool:  # a norm layer that never ran has no captured output
+    try:
+        return "__call__" in _at(tree, path)
+    except (KeyError, IndexError, TypeError):
+        return False
+
+
+def _at(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def from_nnx(make_module: Callable[[nnx.Rngs], nnx.Module], input_shape: tuple[int, ...] | None,
+             num_outputs: int, *, uses_mask: bool = False) -> Model:
+    """Wrap an NNX module whose ``__call__(x)`` returns ``(logits, features)``.
+
+    Train/eval mode is set with ``nnx.view(use_running_average=not train, deterministic=not
+    train)``. With ``capture_norm=True`` the outputs of every ``BatchNorm``/``LayerNorm``/
+    ``GroupNorm``/``RMSNorm`` are returned under their attribute paths (e.g. ``"blocks/0/ln1"``),
+    in sorted rather than call order.
+
+    Args:
+      make_module: constructor ``rngs -> module`` (e.g. ``lambda rngs: Net(rngs=rngs)``), called by
+        ``init`` with ``nnx.Rngs(key)``.
+      input_shape: per-example input shape (for a clear error on misshaped inputs), or None.
+      num_outputs: number of logits.
+      uses_mask: whether ``__call__`` takes ``mask=`` ([B] bool, forwarded to its BatchNorms as
+        ``mask[:, None, ...]`` by the module itself).
+
+    Raises:
+      ValueError: if ``make_module`` is a module instance rather than a constructor.
+    """
+    if isinstance(make_module, nnx.Module):
+        raise ValueError("from_nnx needs a constructor rngs -> module (so that init can use its "
+                         "key), e.g. `lambda rngs: Net(rngs=rngs)`, not a module instance")
+    graphdef = nnx.split(nnx.eval_shape(lambda: make_module(nnx.Rngs(0))))[0]
+    name = "nnx model"
+
+    def init(key: jax.Array, x: jax.Array):
+        check_input(x, input_shape, name)
+        return _split(make_module(nnx.Rngs(key)))
+
+    def apply(variables, x, *, train: bool = False, mask=None, capture_norm: bool = False):
+        check_input(x, input_shape, name)
+        module = nnx.merge(graphdef, *variables.values())
+        module = nnx.view(module, use_running_average=not train, deterministic=not train,
+                          raise_if_not_found=False)
+
+        def call(m, x):
+            return m(x, mask=mask if train else None) if uses_mask else m(x)
+
+        aux: dict[str, Any] = {}
+        if capture_norm:
+            (logits, features), inter = nnx.capture(
+                call, nnx.Intermediate, method_outputs=nnx.Intermediate)(module, x)
+            inter = nnx.to_pure_dict(inter)
+            aux["norm"] = {
+                "/".join(map(str, path)): _at(inter, path)["__call__"][0]
+                for path, sub in nnx.iter_graph(module)
+                if isinstance(sub, NNX_NORM_TYPES) and _has(inter, path)}
+        else:
+            logits, features = call(module, x)
+        aux["features"] = features
+        state = _split(module)
+        aux["model_state"] = {k: v for k, v in state.items() if k != "params"} if train else {}
+        return logits, aux
+
+    return Model(init=init, apply=apply, input_shape=input_shape, num_outputs=num_outputs,
+                 module=graphdef)
