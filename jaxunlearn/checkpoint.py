@@ -49,7 +49,8 @@ class Checkpointer:
         os.makedirs(self.directory, exist_ok=True)
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                enable_async_checkpointing=False),
         )
 
     def save(self, step: int, tree: Any) -> None:
