@@ -36,8 +36,9 @@ def weighted_sum_and_count(values: jax.Array, weight: jax.Array) -> tuple[jax.Ar
     ``sum(s) / sum(c)``.
     """
     weight = weight.astype(values.dtype)
-    total = jnp.sum(weight * values)
-    count = jnp.sum((weight != 0).astype(values.dtype))
+    live = weight != 0
+    total = jnp.sum(jnp.where(live, weight * values, 0))  # a non-finite padding value cannot leak
+    count = jnp.sum(live.astype(values.dtype))
     return total, count
 
 

@@ -1,0 +1,46 @@
+"""Unlearning methods, one per file, all with one shape (DESIGN.md, :mod:`.base`).
+
+Each factory takes the method's hyperparameters as keyword arguments and returns a
+:class:`Method` ``(init, update)``; :func:`run_method` runs any of them. Data-dependent inputs
+are computed beforehand by the library functions next to each method
+(:func:`saliency_mask`, :func:`fisher_diagonal`, :func:`group_weights`, ...).
+
+=============  ====================================  ==========================================
+method         factory                               reads / input
+=============  ====================================  ==========================================
+FT / CF        :func:`finetune`                      retain
+CF-k           :func:`cf_k`                          retain; last-k mask
+EU-k           :func:`eu_k`                          retain; fresh variables, last-k mask
+GA             :func:`gradient_ascent`               forget
+GA_FT          :func:`neggrad_plus`                  forget + retain
+RL             :func:`random_labels`                 forget + retain
+SalUn          :func:`salun`                         forget + retain; :func:`saliency_mask`
+L1-sparse      :func:`l1_sparse`                     retain
+BS             :func:`boundary_shrink`               forget
+SCRUB          :func:`scrub`                         forget + retain
+Bad-T          :func:`bad_teacher`                   forget + retain; random teacher
+Fisher         :func:`fisher_forgetting`             one-shot; :func:`fisher_diagonal`
+NTK            :func:`ntk_forgetting`                one-shot, forget + retain
+IF             :func:`influence_unlearning`          one-shot, forget; inverse-HVP solver
+Retrain        :func:`retrain`                       train from scratch; :func:`group_weights`
+=============  ====================================  ==========================================
+"""
+
+from jaxunlearn.methods.base import (
+    Method, MethodState, Subset, schedule, soft_split, resolve_trainable, combine_masks,
+    freeze_outside, subset_optimizer, apply_updates, gradient_step)
+from jaxunlearn.methods.loop import run_method, epoch_plan, resample_plan
+from jaxunlearn.methods.finetune import finetune, cf_k
+from jaxunlearn.methods.eu_k import eu_k
+from jaxunlearn.methods.gradient_ascent import gradient_ascent
+from jaxunlearn.methods.neggrad import neggrad_plus
+from jaxunlearn.methods.random_labels import random_labels
+from jaxunlearn.methods.salun import salun, saliency_mask, forget_gradient
+from jaxunlearn.methods.l1_sparse import l1_sparse
+from jaxunlearn.methods.boundary_shrink import boundary_shrink, neighbour_labels
+from jaxunlearn.methods.scrub import scrub
+from jaxunlearn.methods.bad_teacher import bad_teacher
+from jaxunlearn.methods.fisher import fisher_diagonal, fisher_forgetting
+from jaxunlearn.methods.ntk import ntk_forgetting
+from jaxunlearn.methods.influence_removal import influence_unlearning
+from jaxunlearn.methods.retrain import retrain, group_weights

@@ -1,0 +1,407 @@
+"""What every unlearning method shares: its shape, its state, weights, trainable subsets, one step.
+
+**The method shape** (DESIGN.md, modelled on ``optax.GradientTransformation``). A factory whose
+keyword arguments are the hyperparameters returns a :class:`Method`, a pair of pure functions
+
+    init(variables) -> state
+    update(variables, state, batches, key) -> (variables, state, metrics)
+
+that the caller jits (:func:`jaxunlearn.methods.run_method` runs every method the same way).
+
+* ``variables`` is the model's full variables dict ``{"params": ..., "batch_stats": ..., ...}``,
+  exactly what ``apply`` takes. Only ``variables["params"]`` is trained; the other collections
+  (BatchNorm statistics) are updated by the train-mode forward passes of the method's loss, in the
+  order the reference runs them (each method documents its passes), and never in frozen layers.
+* ``batches = {"forget": Batch, "retain": Batch, "schedule": ...}`` with the DESIGN.md batch
+  layout; a method reads only the sets named in ``Method.uses``. ``batches["schedule"]`` (from
+  :func:`schedule`) tells epoch-dependent methods (L1-sparse, SCRUB) where they are.
+* ``metrics`` is a dict of scalars, always with ``"loss"``.
+* Data-dependent inputs (teacher variables, saliency mask, Fisher diagonal, ...) are computed
+  beforehand by library functions and given to the factory; ``init`` moves every array into the
+  state, so that a jitted ``update`` receives them as arguments (never as closed-over constants).
+
+**Weights** (seed 004 §4.4; DESIGN.md "per-sample weights everywhere"). Every per-example loss is
+reduced with :func:`jaxunlearn.losses.weighted_mean`, with the batch's ``weight``:
+
+* a **retain** sample's weight ``w_r`` multiplies its loss in the method's retain term: 1 for the
+  hard method, ``1 + eps_i`` for the soft one (the reweighted risk of seed 004 eq. (1));
+* a **forget** sample's weight is the signed seed-004 perturbation ``eps_f``: -1 for the hard
+  method (removal), the solver's ``eps_i`` for the soft one. The method's *forgetting objective*
+  on that sample is multiplied by ``-eps_f``, so ``eps_f = -1`` is the published method and
+  ``eps_f = 0`` drops the sample. For gradient ascent the forgetting objective is ``-CE``, so its
+  forget term is ``weighted_mean(CE, eps_f)``: eq. (9), ``theta <- theta - eta eps_f grad l``.
+
+:func:`soft_split` turns an ``eps`` vector over the training set into the two sets (both the
+whole training set, with weights ``eps`` and ``1 + eps``), so that a hard ``eps`` in {-1, 0} gives
+exactly ``D_f`` (weight -1) and ``D_r`` (weight 1), and a soft one the SW- method, with the same code.
+A sample of weight 0 is never scheduled and, as padding, changes nothing.
+
+**Trainable subsets.** Every factory takes ``trainable``: None (all parameters) or a bool pytree
+with the structure of ``variables["params"]`` whose leaves are Python bools or bool arrays (per
+element: SalUn's saliency mask). Gradients are taken only w.r.t. leaves with some True element
+(frozen lower layers cost no backward pass and no optimizer state); the optimizer is chained with
+:func:`freeze_outside`, which zeroes the whole update (weight decay and momentum included) outside
+the mask; and :func:`apply_updates` leaves every zero-update element bit-identical. BatchNorm
+statistics of layers whose parameters are all frozen are not updated either.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxunlearn import losses
+
+__all__ = [
+    "Method",
+    "MethodState",
+    "Subset",
+    "schedule",
+    "soft_split",
+    "resolve_trainable",
+    "combine_masks",
+    "take",
+    "put",
+    "freeze_outside",
+    "apply_updates",
+    "subset_optimizer",
+    "gradient_step",
+    "forward",
+    "eval_logits",
+    "require",
+    "split_model_state",
+    "init_state",
+    "sgd",
+]
+
+SETS = ("forget", "retain")
+
+
+class Method(NamedTuple):
+    """An unlearning method (module docstring).
+
+    Attributes:
+      init: ``init(variables) -> state``.
+      update: ``update(variables, state, batches, key) -> (variables, state, metrics)``.
+      uses: which of ``"forget"``, ``"retain"`` the update reads (the driver loop builds only those).
+      one_shot: the method is a single ``update`` on whole sets (IF, Fisher, NTK).
+      name: a short label for reports.
+    """
+
+    init: Callable[[Any], Any]
+    update: Callable[..., Any]
+    uses: tuple[str, ...] = SETS
+    one_shot: bool = False
+    name: str = "method"
+
+
+class MethodState(NamedTuple):
+    """The state of every method.
+
+    Attributes:
+      step: int32 number of ``update`` calls so far.
+      opt_state: the optax state over the trainable leaves (``()`` for one-shot methods).
+      extra: dict of arrays the method carries (anchor, teachers, Fisher diagonal, ...).
+    """
+
+    step: jax.Array
+    opt_state: Any
+    extra: dict
+
+
+def schedule(epoch, num_epochs, forget_pass=0) -> dict:
+    """``batches["schedule"]``: 0-based ``epoch``, total ``num_epochs``, and ``forget_pass``, the
+    index of the pass over the (cycled) forget loader within the epoch (0 = first pass)."""
+    return {"epoch": jnp.asarray(epoch, jnp.int32), "num_epochs": jnp.asarray(num_epochs, jnp.int32),
+            "forget_pass": jnp.asarray(forget_pass, jnp.int32)}
+
+
+def soft_split(split: dict, eps, *, negative_only: bool = False) -> tuple[dict, dict]:
+    """``(forget, retain)`` sets for weights ``eps`` [n] over the training set ``split``.
+
+    ``forget`` is the split with ``weight = eps`` and ``retain`` the split with ``weight = 1 + eps``
+    (module docstring): hard ``eps`` in {-1, 0} gives D_f with weight -1 and D_r with weight 1
+    (weight-0 samples are never scheduled); soft ``eps`` gives the SW- version of any method.
+
+    Args:
+      split: the training split ``{"x", "y", ...}``.
+      eps: [n] weights from :func:`jaxunlearn.weights.soft_weights` or ``hard_weights``.
+      negative_only: keep only ``eps < 0`` in the forget set. A forget row with ``eps > 0``
+        *reverses* its forgetting objective (for GA: descent, eq. (9)); for methods whose
+        forgetting objective is not an ascent (RL, SalUn, BS, Bad-T) one may prefer to apply it
+        only to the samples the solver down-weights.
+    """
+    eps = np.asarray(eps, np.float32)
+    n = int(np.shape(split["y"])[0])
+    if eps.shape != (n,):
+        raise ValueError(f"eps has shape {eps.shape}, but the split has {n} samples")
+    if not np.all(np.isfinite(eps)):
+        raise ValueError("eps contains NaN or inf")
+    base = {k: v for k, v in split.items() if k != "weight"}
+    forget = np.where(eps < 0, eps, 0.0).astype(np.float32) if negative_only else eps
+    return {**base, "weight": forget}, {**base, "weight": 1.0 + eps}
+
+
+def require(batches: dict, name: str, method: str):
+    """``batches[name]``, or a ValueError naming the method that needs it."""
+    if not isinstance(batches, dict) or batches.get(name) is None:
+        what = ("batches['schedule'] (run_method supplies it; in your own loop use "
+                "methods.schedule(epoch, num_epochs, forget_pass))") if name == "schedule" else \
+            f"a {name!r} batch"
+        raise ValueError(f"{method} needs {what}")
+    return batches[name]
+
+
+# ----------------------------------------------------------------------------- trainable subsets
+
+class Subset(NamedTuple):
+    """A trainable subset resolved from a bool mask (static, hashable parts only).
+
+    Attributes:
+      treedef: the structure of ``variables["params"]`` the mask was given for (None: any).
+      selected: indices (in ``tree_flatten`` order) of leaves with some True element.
+      elementwise: for each selected leaf, None (all elements trainable) or the index into
+        ``masks`` of its per-element mask.
+      masks: the per-element bool masks (numpy), moved into the optimizer state by ``init``.
+      frozen_modules: module paths (tuples of keys) whose parameters are all frozen.
+    """
+
+    treedef: Any
+    selected: tuple[int, ...]
+    elementwise: tuple[int | None, ...]
+    masks: tuple[np.ndarray, ...]
+    frozen_modules: frozenset
+
+
+def _key_name(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def state_module(path) -> tuple[str, ...]:
+    """The layer (module path) of a model-state leaf at ``path`` (collection and leaf name dropped)."""
+    return tuple(_key_name(p) for p in path)[1:-1]
+
+
+def resolve_trainable(trainable) -> Subset | None:
+    """Resolve a trainable mask (module docstring) into a :class:`Subset`; None stays None.
+
+    Raises:
+      ValueError: a leaf that is not boolean, or a mask that selects nothing.
+    """
+    if trainable is None:
+        return None
+    flat, treedef = jax.tree_util.tree_flatten_with_path(trainable)
+    if not flat:
+        raise ValueError("trainable mask is empty")
+    selected, elementwise, masks, leaf_frozen = [], [], [], {}
+    for i, (path, leaf) in enumerate(flat):
+        arr = np.asarray(leaf)
+        if arr.dtype != np.bool_:
+            raise ValueError(f"trainable mask leaf {'/'.join(map(_key_name, path))} has dtype "
+                             f"{arr.dtype}; expected bool")
+        names = tuple(_key_name(p) for p in path)
+        leaf_frozen[names] = not arr.any()
+        if not arr.any():
+            continue
+        selected.append(i)
+        if arr.all():
+            elementwise.append(None)
+        else:
+            elementwise.append(len(masks))
+            masks.append(arr)
+    if not selected:
+        raise ValueError("trainable mask selects no parameter")
+    modules: dict[tuple, bool] = {}
+    for names, frozen in leaf_frozen.items():
+        for depth in range(len(names)):
+            mod = names[:depth]
+            modules[mod] = modules.get(mod, True) and frozen
+    frozen_modules = frozenset(m for m, f in modules.items() if f)
+    return Subset(treedef, tuple(selected), tuple(elementwise), tuple(masks), frozen_modules)
+
+
+def combine_masks(*masks):
+    """Element-wise AND of bool mask pytrees of one structure (None entries are skipped).
+
+    E.g. SalUn restricted to the last k blocks: ``combine_masks(saliency, last_k_mask(params, k))``.
+    """
+    masks = [m for m in masks if m is not None]
+    if not masks:
+        return None
+    out = masks[0]
+    for m in masks[1:]:
+        if jax.tree.structure(m) != jax.tree.structure(out):
+            raise ValueError("masks to combine have different structures")
+        out = jax.tree.map(lambda a, b: np.logical_and(np.asarray(a), np.asarray(b)), out, m)
+    return out
+
+
+def _check_structure(params, subset: Subset | None):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    if subset is not None and treedef != subset.treedef:
+        raise ValueError("the trainable mask does not have the structure of variables['params']: "
+                         f"{subset.treedef} vs {treedef}")
+    return leaves, treedef
+
+
+def take(params, subset: Subset | None) -> list:
+    """The trainable leaves of ``params`` (a list, ``tree_flatten`` order)."""
+    leaves, _ = _check_structure(params, subset)
+    return leaves if subset is None else [leaves[i] for i in subset.selected]
+
+
+def put(params, subset: Subset | None, new_leaves: Sequence) -> Any:
+    """``params`` with its trainable leaves replaced by ``new_leaves`` (inverse of :func:`take`)."""
+    leaves, treedef = _check_structure(params, subset)
+    if subset is None:
+        return jax.tree_util.tree_unflatten(treedef, list(new_leaves))
+    leaves = list(leaves)
+    for i, leaf in zip(subset.selected, new_leaves):
+        leaves[i] = leaf
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+class FreezeState(NamedTuple):
+    """State of :func:`freeze_outside`: the per-element masks, as traced arrays."""
+
+    masks: tuple
+
+
+def freeze_outside(subset: Subset) -> optax.GradientTransformation:
+    """An optax transform that zeroes updates outside the per-element masks of ``subset``.
+
+    Chained *after* the optimizer (weight decay and momentum included), so masked-out elements
+    never move. Acts on the list of trainable leaves of :func:`take`; fully trainable leaves pass.
+    The masks live in the transform's state (jit arguments, not constants).
+    """
+
+    def init(params):
+        del params
+        return FreezeState(tuple(jnp.asarray(m) for m in subset.masks))
+
+    def update(updates, state, params=None):
+        del params
+        out = [u if e is None else jnp.where(state.masks[e], u, jnp.zeros_like(u))
+               for u, e in zip(updates, subset.elementwise)]
+        return out, state
+
+    return optax.GradientTransformation(init, update)
+
+
+def subset_optimizer(optimizer: optax.GradientTransformation,
+                     subset: Subset | None) -> optax.GradientTransformation:
+    """``optimizer`` followed by :func:`freeze_outside` when the subset has per-element masks."""
+    if subset is None or not subset.masks:
+        return optimizer
+    return optax.chain(optimizer, freeze_outside(subset))
+
+
+def apply_updates(leaves: Sequence, updates: Sequence) -> list:
+    """``p + u`` per leaf, keeping ``p`` bit-identical where ``u == 0`` (even a ``-0.0`` weight)."""
+    return [jnp.where(u == 0, p, p + u.astype(p.dtype)) for p, u in zip(leaves, updates)]
+
+
+def split_model_state(variables) -> tuple[Any, dict]:
+    """``variables -> (params, model_state)``; a clear error if there are no params."""
+    if not isinstance(variables, dict) or "params" not in variables:
+        raise ValueError("methods take the model's full variables dict {'params': ..., ...}; "
+                         f"got {type(variables).__name__} without a 'params' entry")
+    params = variables["params"]
+    return params, {k: v for k, v in variables.items() if k != "params"}
+
+
+def _keep_frozen_state(new_state: dict, old_state: dict, subset: Subset | None) -> dict:
+    """The model state after a step: ``new_state`` except in layers whose params are all frozen."""
+    if not new_state:
+        return old_state
+    if subset is None or not subset.frozen_modules:
+        return new_state
+
+    def pick(path, new, old):
+        return old if state_module(path) in subset.frozen_modules else new
+
+    return jax.tree_util.tree_map_with_path(pick, dict(new_state), dict(old_state))
+
+
+def forward(apply_fn, params, model_state: dict, x, weight, *, train: bool = True):
+    """One forward pass: ``(logits, model_state)``; samples of weight 0 are masked out of BatchNorm."""
+    logits, aux = apply_fn({"params": params, **model_state}, x, train=train, mask=weight != 0)
+    new_state = aux.get("model_state") or {}
+    return logits, (new_state if (train and new_state) else model_state)
+
+
+def eval_logits(apply_fn, variables, x):
+    """Logits of a frozen model in eval mode (teachers, the original model), gradient-stopped."""
+    logits, _ = apply_fn(jax.lax.stop_gradient(variables), x, train=False)
+    return jax.lax.stop_gradient(logits)
+
+
+LossFn = Callable[[Any, dict], tuple[jax.Array, tuple[dict, dict]]]
+
+
+def gradient_step(loss_fn: LossFn, variables, opt_state, optimizer: optax.GradientTransformation,
+                  subset: Subset | None):
+    """One optimizer step on the trainable subset.
+
+    Args:
+      loss_fn: ``loss_fn(params, model_state) -> (loss, (new_model_state, metrics))``.
+      variables: the model variables.
+      opt_state: state of ``subset_optimizer(optimizer, subset)`` over ``take(params, subset)``.
+      optimizer: that optimizer (already wrapped with :func:`subset_optimizer`).
+      subset: the trainable subset or None.
+
+    Returns:
+      ``(variables, opt_state, loss, metrics)``.
+    """
+    params, model_state = split_model_state(variables)
+    leaves = take(params, subset)
+
+    def objective(train_leaves):
+        return loss_fn(put(params, subset, train_leaves), model_state)
+
+    (loss, (new_state, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(leaves)
+    updates, opt_state = optimizer.update(grads, opt_state, leaves)
+    params = put(params, subset, apply_updates(leaves, updates))
+    new_state = _keep_frozen_state(new_state, model_state, subset)
+    return {"params": params, **new_state}, opt_state, loss, metrics
+
+
+def init_state(variables, optimizer: optax.GradientTransformation | None, subset: Subset | None,
+               extra: dict | None = None) -> MethodState:
+    """The initial :class:`MethodState` (optimizer state over the trainable leaves)."""
+    params, _ = split_model_state(variables)
+    opt_state = () if optimizer is None else optimizer.init(take(params, subset))
+    return MethodState(jnp.zeros((), jnp.int32), opt_state, dict(extra or {}))
+
+
+def check_optimizer(optimizer, method: str) -> optax.GradientTransformation:
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise ValueError(f"{method}: optimizer must be an optax.GradientTransformation, "
+                         f"got {type(optimizer).__name__}")
+    return optimizer
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
+    v = float(value)
+    if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return v
+
+
+def sgd(learning_rate: float, *, momentum: float | None = None,
+        weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """PyTorch-style SGD: L2 weight decay added to the gradient before momentum (the references)."""
+    tx = optax.sgd(learning_rate, momentum=momentum)
+    return optax.chain(optax.add_decayed_weights(weight_decay), tx) if weight_decay else tx
+
+
+def correct(logits, y):
+    """[B] float 1/0: argmax prediction equals the label."""
+    return (jnp.argmax(losses.class_logits(logits), -1) == y).astype(jnp.float32)

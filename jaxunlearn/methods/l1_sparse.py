@@ -1,0 +1,60 @@
+"""L1-sparse unlearning (Jia et al. 2023): fine-tune on D_r with a decaying L1 penalty.
+
+Loss in epoch e of E (one train-mode pass on the retain batch):
+
+    L(theta) = weighted_mean(CE_r, w_r) + alpha_e ||theta||_1,   alpha_e = alpha (1 - e / E),
+
+alpha_e constant within an epoch and decaying linearly to 0 (the reference's ``compute_alpha``).
+The L1 norm covers the trainable parameters. ``e`` and ``E`` come from ``batches["schedule"]``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+from jaxunlearn import losses
+from jaxunlearn.methods import base
+from jaxunlearn.methods.finetune import retain_cross_entropy
+
+__all__ = ["l1_sparse"]
+
+
+def l1_sparse(apply_fn, *, alpha: float = 5e-4, optimizer: optax.GradientTransformation | None = None,
+              trainable=None) -> base.Method:
+    """L1-sparse.
+
+    Args:
+      apply_fn: the model's ``apply``.
+      alpha: initial L1 coefficient (reference ~5e-4).
+      optimizer: default SGD lr 0.01, momentum 0.9, weight decay 1e-4 (De Min et al.'s config).
+      trainable: optional bool mask over ``variables["params"]``.
+    """
+    alpha = base.check_positive("alpha", alpha, allow_zero=True)
+    optimizer = base.sgd(0.01, momentum=0.9, weight_decay=1e-4) if optimizer is None else \
+        base.check_optimizer(optimizer, "L1-sparse")
+    subset = base.resolve_trainable(trainable)
+    tx = base.subset_optimizer(optimizer, subset)
+
+    def init(variables):
+        return base.init_state(variables, tx, subset)
+
+    def update(variables, state, batches, key):
+        del key
+        batch = base.require(batches, "retain", "L1-sparse")
+        sched = base.require(batches, "schedule", "L1-sparse")
+        coef = alpha * (1.0 - sched["epoch"].astype(jnp.float32)
+                        / jnp.maximum(sched["num_epochs"], 1).astype(jnp.float32))
+        ce_loss = retain_cross_entropy(apply_fn, batch)
+
+        def loss_fn(params, model_state):
+            ce, (model_state, metrics) = ce_loss(params, model_state)
+            l1 = losses.l1_norm(base.take(params, subset))
+            return ce + coef * l1, (model_state, {**metrics, "l1": l1, "l1_coef": coef})
+
+        variables, opt_state, loss, metrics = base.gradient_step(loss_fn, variables, state.opt_state,
+                                                                 tx, subset)
+        return variables, state._replace(step=state.step + 1, opt_state=opt_state), \
+            {"loss": loss, **metrics}
+
+    return base.Method(init, update, uses=("retain",), name="L1-sparse")

@@ -1,0 +1,277 @@
+"""The one driver loop that runs every unlearning method.
+
+Each epoch walks the retain set once in shuffled, padded batches and zips it with a *cycled*
+forget loader (a fresh shuffle per pass, passes restarting every epoch), as the references'
+``zip(retain_loader, cycle(forget_loader))``; a method that reads only one set walks that set
+once. The whole epoch is one ``lax.scan`` over a precomputed batch plan, with the data on device
+and each batch gathered inside the step, so ``update`` is traced and compiled once (shapes are
+static: the last batch of a pass is padded with weight-0 samples; the compiled epoch is cached
+per method, so further runs of the same method on sets of the same sizes reuse it). One-shot methods
+(IF, Fisher, NTK) get a single ``update`` on the whole sets.
+
+Per-sample weights come from each split's ``"weight"`` entry (default: -1 for the forget set,
+1 for the retain set, the hard method; see :mod:`jaxunlearn.methods.base`). Weight-0 samples are
+never scheduled. ``retain_sampling`` replaces the shuffled pass over D_r by |D_r| draws with
+replacement, e.g. De Min et al.'s group reweighting sampler (:func:`resample_plan`).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxunlearn.data.batching import batch_plan, gather_batch, split_size
+from jaxunlearn.methods.base import Method, schedule
+
+__all__ = ["run_method", "epoch_plan", "resample_plan", "split_weight"]
+
+_DEFAULT_WEIGHT = {"forget": -1.0, "retain": 1.0}
+_DATA_KEYS = ("x", "y", "group", "index")
+
+
+def split_weight(split: dict, name: str) -> np.ndarray:
+    """Per-sample weights [n] of a forget or retain split (its ``"weight"`` or the default)."""
+    n = split_size(split)
+    if "weight" not in split or split["weight"] is None:
+        return np.full(n, _DEFAULT_WEIGHT[name], np.float32)
+    w = np.asarray(split["weight"], np.float32)
+    if w.shape != (n,):
+        raise ValueError(f"{name} weight has shape {w.shape}, but the {name} set has {n} samples")
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"{name} weight contains NaN or inf")
+    return w
+
+
+def resample_plan(key: jax.Array, sampling_weight, batch_size: int, *, num_draws: int | None = None,
+                  loss_weight=None) -> tuple[np.ndarray, np.ndarray]:
+    """A weighted sampler with replacement as a padded batch plan [S, B].
+
+    Args:
+      key: PRNG key of the draws.
+      sampling_weight: [n] non-negative sampling weights (need not sum to 1).
+      batch_size: B.
+      num_draws: number of draws (default: the number of samples that can be drawn, i.e. |D_r|
+        draws per epoch as PyTorch's ``WeightedRandomSampler(w, len(dataset))``).
+      loss_weight: optional [n] loss weight of each sample (default 1); samples of loss weight 0
+        are never drawn, and a drawn sample carries its loss weight.
+
+    Returns:
+      ``(index, weight)`` [S, B]; padding slots repeat the first draw with weight 0.
+    """
+    p = np.asarray(sampling_weight, np.float64)
+    if p.ndim != 1 or p.size == 0:
+        raise ValueError(f"sampling_weight must be a non-empty [n] vector, got shape {p.shape}")
+    if not np.all(np.isfinite(p)) or np.any(p < 0):
+        raise ValueError("sampling_weight must be finite and >= 0")
+    n = p.size
+    lw = np.ones(n, np.float32) if loss_weight is None else np.asarray(loss_weight, np.float32)
+    if lw.shape != (n,):
+        raise ValueError(f"loss_weight has shape {lw.shape}, expected ({n},)")
+    p = p * (lw != 0)
+    if p.sum() <= 0:
+        raise ValueError("sampling_weight is zero on every sample that can be drawn")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    draws = int(np.count_nonzero(p)) if num_draws is None else int(num_draws)
+    if draws <= 0:
+        raise ValueError(f"num_draws must be positive, got {num_draws}")
+    idx = np.asarray(jax.random.choice(key, n, (draws,), replace=True, p=jnp.asarray(p / p.sum())))
+    nb = -(-draws // batch_size)
+    pad = nb * batch_size - draws
+    index = np.concatenate([idx, np.full(pad, idx[0])]).reshape(nb, batch_size).astype(np.int32)
+    weight = np.concatenate([lw[idx], np.zeros(pad, np.float32)]).reshape(nb, batch_size)
+    return index, weight
+
+
+def epoch_plan(key: jax.Array, uses, weights: dict, batch_size: int, *,
+               forget_batch_size: int | None = None, retain_sampling=None) -> dict:
+    """The batch plan of one epoch for a method reading the sets ``uses``.
+
+    Args:
+      key: the epoch's key.
+      uses: the method's sets (``Method.uses``).
+      weights: ``{name: [n] weights}`` of those sets (:func:`split_weight`).
+      batch_size: retain batch size (and forget batch size unless given).
+      forget_batch_size: forget batch size.
+      retain_sampling: optional [n_r] sampling weights (:func:`resample_plan`).
+
+    Returns:
+      ``{"<set>_index", "<set>_weight": [S, B], "forget_pass": [S]}`` (numpy).
+    """
+    k_r, k_f = jax.random.split(key)
+    bf = forget_batch_size or batch_size
+    plan = {}
+    steps = None
+    if "retain" in uses:
+        w = weights["retain"]
+        if retain_sampling is None:
+            idx, bw = batch_plan(w.size, batch_size, key=k_r, weight=w)
+        else:
+            rs = np.asarray(retain_sampling)
+            if rs.shape != w.shape:
+                raise ValueError(f"retain_sampling has shape {rs.shape}, the retain set has {w.size} samples")
+            idx, bw = resample_plan(k_r, rs, batch_size, loss_weight=w)
+        plan["retain_index"], plan["retain_weight"] = idx, bw
+        steps = idx.shape[0]
+    if "forget" in uses:
+        w = weights["forget"]
+        rows_i, rows_w, passes = [], [], []
+        c = 0
+        while c == 0 or (steps is not None and sum(map(len, rows_i)) < steps):
+            idx, bw = batch_plan(w.size, bf, key=jax.random.fold_in(k_f, c), weight=w)
+            rows_i.append(idx)
+            rows_w.append(bw)
+            passes.append(np.full(idx.shape[0], c, np.int32))
+            c += 1
+        steps = rows_i[0].shape[0] if steps is None else steps
+        plan["forget_index"] = np.concatenate(rows_i)[:steps]
+        plan["forget_weight"] = np.concatenate(rows_w)[:steps]
+        plan["forget_pass"] = np.concatenate(passes)[:steps]
+    if steps is None:
+        raise ValueError("the method reads neither the forget nor the retain set; it must be one-shot")
+    plan.setdefault("forget_pass", np.zeros(steps, np.int32))
+    return plan
+
+
+def device_data(split: dict, name: str) -> dict:
+    """The arrays of a split the loop gathers batches from (``x``, ``y``, ``group``, ``index``), on device."""
+    data = {k: jnp.asarray(split[k]) for k in _DATA_KEYS if k in split and split[k] is not None}
+    if "x" not in data or "y" not in data:
+        raise ValueError(f"the {name} set needs 'x' and 'y'")
+    n = split_size(split)
+    for k, v in data.items():
+        if v.shape[0] != n:
+            raise ValueError(f"{name}[{k!r}] has {v.shape[0]} rows, {name}['y'] has {n}")
+    if jnp.issubdtype(data["x"].dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(data["x"]))):
+        raise ValueError(f"{name} features contain NaN or inf")
+    return data
+
+
+def _make_epoch_fn(update, uses):
+    def epoch_fn(variables, state, data, plan, epoch, num_epochs, key):
+        def body(carry, row):
+            variables, state = carry
+            batches = {name: gather_batch(data[name], row[f"{name}_index"], row[f"{name}_weight"])
+                       for name in uses}
+            batches["schedule"] = schedule(epoch, num_epochs, row["forget_pass"])
+            variables, state, metrics = update(variables, state, batches,
+                                               jax.random.fold_in(key, row["step"]))
+            return (variables, state), metrics
+
+        (variables, state), metrics = jax.lax.scan(body, (variables, state), plan)
+        return variables, state, metrics
+
+    return epoch_fn
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_epoch(update, uses):
+    # Cached per update function, so repeated runs of one Method with equal shapes (a grid of
+    # weights, seeds or epochs) reuse the compiled epoch instead of recompiling it.
+    return jax.jit(_make_epoch_fn(update, uses))
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_update(update):
+    return jax.jit(update)
+
+
+def progress_bar(it, desc, enabled, total):
+    """``it`` wrapped in a tqdm bar when enabled and tqdm is installed."""
+    if not enabled:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional
+        return it
+    return tqdm(it, desc=desc, leave=False, total=total)
+
+
+def run_method(method: Method, variables, forget: dict | None, retain: dict | None, *,
+               epochs: int, batch_size: int, key: jax.Array, forget_batch_size: int | None = None,
+               retain_sampling=None, state=None, progress: bool = True):
+    """Run an unlearning method: ``epochs`` passes of the zipped loaders, or one one-shot update.
+
+    Args:
+      method: a :class:`~jaxunlearn.methods.base.Method`.
+      variables: the model's variables ``{"params": ..., ...}`` (the original model theta_0).
+      forget: the forget split ``{"x", "y", ("weight", "group", "index")}`` or None if unused.
+      retain: the retain split, likewise.
+      epochs: number of epochs (ignored by one-shot methods).
+      batch_size: retain batch size (and forget batch size unless ``forget_batch_size``).
+      key: PRNG key; epoch e's plan is drawn from ``fold_in(fold_in(key, e), 0)`` and the t-th
+        update of the run (counting from 0 across epochs) gets ``fold_in(fold_in(fold_in(key, e),
+        1), t)``; a one-shot update gets ``key`` itself.
+      forget_batch_size: forget batch size (e.g. ``B * |D_f| / |D_r|`` to mix the sets in
+        proportion, as a single concatenated loader would).
+      retain_sampling: optional [n_r] sampling weights: each epoch draws |D_r| retain samples with
+        replacement (De Min et al.'s reweighted sampler).
+      state: a method state to continue from (default ``method.init(variables)``); the epochs of
+        this call are numbered from 0 in ``batches["schedule"]``.
+      progress: show a progress bar over epochs (tqdm, if installed).
+
+    Returns:
+      ``(variables, state, history)``; history has one dict per epoch with ``"epoch"``,
+      ``"seconds"`` and the epoch mean of every metric the update reports.
+
+    Raises:
+      ValueError: a set the method needs is missing, weights of the wrong length, bad sizes.
+      FloatingPointError: the loss became NaN or inf.
+    """
+    if not isinstance(method, Method):
+        raise ValueError(f"method must be a jaxunlearn.methods.Method, got {type(method).__name__}")
+    sets = {"forget": forget, "retain": retain}
+    for name in method.uses:
+        if sets[name] is None:
+            raise ValueError(f"{method.name} needs the {name} set")
+    if int(batch_size) <= 0 or (forget_batch_size is not None and int(forget_batch_size) <= 0):
+        raise ValueError(f"batch sizes must be positive, got {batch_size}, {forget_batch_size}")
+    if not method.one_shot and int(epochs) < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if retain_sampling is not None and ("retain" not in method.uses or method.one_shot):
+        raise ValueError(f"retain_sampling was given but {method.name} does not iterate over the retain set")
+    weights = {name: split_weight(sets[name], name) for name in method.uses}
+    data = {name: device_data(sets[name], name) for name in method.uses}
+    if state is None:
+        state = method.init(variables)
+
+    if method.one_shot:
+        t0 = time.perf_counter()
+        batches = {}
+        for name in method.uses:
+            w = weights[name]
+            idx, bw = batch_plan(w.size, max(1, int(np.count_nonzero(w))), weight=w)
+            batches[name] = gather_batch(data[name], jnp.asarray(idx[0]), jnp.asarray(bw[0]))
+        batches["schedule"] = schedule(0, 1, 0)
+        variables, state, metrics = _jitted_update(method.update)(variables, state, batches, key)
+        row = {"epoch": 1, **{k: float(v) for k, v in metrics.items()}}
+        row["seconds"] = time.perf_counter() - t0
+        return variables, state, [row]
+
+    epoch_fn = _jitted_epoch(method.update, tuple(method.uses))
+    history = []
+    step = 0
+    bar = progress_bar(range(epochs), method.name, progress, epochs)
+    for e in bar:
+        t0 = time.perf_counter()
+        ekey = jax.random.fold_in(key, e)
+        plan = epoch_plan(jax.random.fold_in(ekey, 0), method.uses, weights, batch_size,
+                          forget_batch_size=forget_batch_size, retain_sampling=retain_sampling)
+        steps = plan["forget_pass"].shape[0]
+        plan["step"] = np.arange(step, step + steps, dtype=np.int32)
+        step += steps
+        plan = {k: jnp.asarray(v) for k, v in plan.items()}
+        variables, state, metrics = epoch_fn(variables, state, data, plan, jnp.int32(e),
+                                             jnp.int32(epochs), jax.random.fold_in(ekey, 1))
+        row = {"epoch": e + 1, **{k: float(jnp.mean(v)) for k, v in metrics.items()}}
+        if not np.isfinite(row["loss"]):
+            raise FloatingPointError(f"{method.name} diverged: loss is {row['loss']} in epoch {e + 1}")
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+    return variables, state, history

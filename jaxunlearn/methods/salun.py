@@ -1,0 +1,116 @@
+"""SalUn (Fan et al. 2024): random labels with the update restricted to salient weights.
+
+1. :func:`saliency_mask`: one eval-mode pass over D_f accumulates
+   ``g = sum_{i in D_f} (-eps_i) grad_theta(-CE_i)`` (the reference's ``sum grad(-CE)`` for the
+   hard ``eps = -1``), and keeps the top fraction ``threshold`` of ``|g|`` ranked over all
+   (trainable) parameter elements.
+2. :func:`salun`: :func:`~jaxunlearn.methods.random_labels.random_labels` with that mask as the
+   trainable set. The *whole* optimizer update is masked (momentum and weight decay included) and
+   zero-update elements are kept bit-identical, so masked-out weights never move (the reference
+   masked only the gradient, so its weight decay moved them).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxunlearn import losses
+from jaxunlearn.data.batching import batch_plan, split_size
+from jaxunlearn.methods import base
+from jaxunlearn.methods.loop import split_weight
+from jaxunlearn.methods.random_labels import random_labels
+
+__all__ = ["saliency_mask", "forget_gradient", "salun"]
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def _weighted_grad(apply_fn, params, model_state, x, y, w):
+    def total(p):
+        logits, _ = apply_fn({"params": p, **model_state}, x, train=False)
+        return jnp.sum(w * losses.cross_entropy(logits, y))
+
+    return jax.grad(total)(params)
+
+
+def forget_gradient(apply_fn, variables, forget: dict, *, batch_size: int = 256):
+    """``g = sum_i eps_i grad CE_i`` over the forget set in eval mode (a params-like pytree).
+
+    ``eps`` is ``forget["weight"]`` (default -1), so ``g = sum_i (-eps_i) grad(-CE_i)``.
+    """
+    params, model_state = base.split_model_state(variables)
+    w = split_weight(forget, "forget")
+    index, bw = batch_plan(split_size(forget), min(batch_size, max(1, int(np.count_nonzero(w)))),
+                           weight=w)
+    x, y = np.asarray(forget["x"]), np.asarray(forget["y"])
+    g = jax.tree.map(jnp.zeros_like, params)
+    for i in range(index.shape[0]):
+        gi = _weighted_grad(apply_fn, params, model_state, x[index[i]], y[index[i]], bw[i])
+        g = jax.tree.map(jnp.add, g, gi)
+    return g
+
+
+def saliency_mask(apply_fn, variables, forget: dict, *, threshold: float = 0.5,
+                  batch_size: int = 256, trainable=None):
+    """SalUn's saliency mask: the top ``threshold`` fraction of ``|g|`` (:func:`forget_gradient`).
+
+    Args:
+      apply_fn: the model's ``apply``.
+      variables: the original model's variables.
+      forget: the forget split (``"weight"`` = eps, default -1).
+      threshold: fraction t in (0, 1] of elements kept (reference 0.5); exactly ``int(N t)``
+        elements are kept, N the number of ranked elements, ties broken by position.
+      batch_size: batch size of the gradient pass.
+      trainable: optional bool mask; only its elements are ranked (and can be kept).
+
+    Returns:
+      A pytree of numpy bool arrays with the structure of ``variables["params"]``.
+    """
+    if not 0.0 < float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    g = forget_gradient(apply_fn, variables, forget, batch_size=batch_size)
+    leaves, treedef = jax.tree_util.tree_flatten(g)
+    if trainable is None:
+        allowed = [np.ones(np.shape(l), bool) for l in leaves]
+    else:
+        t_leaves, t_def = jax.tree_util.tree_flatten(trainable)
+        if t_def != treedef:
+            raise ValueError("trainable mask does not have the structure of variables['params']")
+        allowed = [np.broadcast_to(np.asarray(m, bool), np.shape(l)) for m, l in zip(t_leaves, leaves)]
+    mags = np.concatenate([np.abs(np.asarray(l, np.float64)).ravel()[a.ravel()]
+                           for l, a in zip(leaves, allowed)])
+    keep = int(mags.size * float(threshold))
+    if keep == 0:
+        raise ValueError(f"threshold {threshold} keeps no element of {mags.size}")
+    order = np.argsort(-mags, kind="stable")
+    chosen = np.zeros(mags.size, bool)
+    chosen[order[:keep]] = True
+    out, start = [], 0
+    for l, a in zip(leaves, allowed):
+        m = np.zeros(np.size(l), bool)
+        flat_a = a.ravel()
+        cnt = int(flat_a.sum())
+        m[flat_a] = chosen[start:start + cnt]
+        start += cnt
+        out.append(m.reshape(np.shape(l)))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def salun(apply_fn, mask, *, optimizer: optax.GradientTransformation | None = None,
+          trainable=None) -> base.Method:
+    """SalUn: random-label unlearning on the salient weights only.
+
+    Args:
+      apply_fn: the model's ``apply``.
+      mask: from :func:`saliency_mask`.
+      optimizer: as :func:`~jaxunlearn.methods.random_labels.random_labels`.
+      trainable: optional further restriction (e.g. the last k blocks), ANDed with ``mask``.
+    """
+    if mask is None:
+        raise ValueError("salun needs a saliency mask (methods.saliency_mask)")
+    return random_labels(apply_fn, optimizer=optimizer, trainable=base.combine_masks(mask, trainable),
+                         name="SalUn")
