@@ -1,0 +1,521 @@
+"""Hard- vs soft-weighted unlearning for fairness and robustness (Qiao et al. 2026, seed 004).
+
+    python -m experiments.soft_weighted [--preset quick|paper|bank|celeba-resnet18|cifar100-resnet50|jigsaw]
+                                        [--out DIR] [--data-dir DIR] [--seeds N]
+
+For every dataset x model (LR; NN = the MLP, unlearned on its last layer) x task (fairness via
+DP, fairness via EOP, robustness) x algorithm, over several seeds:
+
+1. train the original model; its last layer is refit as L2-regularised logistic regression on
+   the frozen features (the convex surrogate of seed 004 footnote 1; for LR the features are the
+   inputs), by Newton's method to stationarity;
+2. score every training sample's influence on validation utility, the DP / EOP surrogate and the
+   loss on linearly perturbed (Megyeri, gamma = 1.3) validation points, with the closed-form
+   last-layer engine (:mod:`jaxunlearn.influence.last_layer`);
+3. soft weights: the closed form of eq. (6)-(7) (:func:`jaxunlearn.weights.soft_weights`, the
+   reference's minimum-norm variant: predicted metric change -|f0|, predicted utility change 0);
+   hard weights: eps = -1 on the k% most harmful samples, k swept on the validation set with the
+   IF update until the target metric stops improving (the sweep uses IF's closed form for every
+   algorithm, so all hard runs share one k);
+4. run each unlearning algorithm on the last layer with the hard and with the soft weights (the
+   same code: :func:`jaxunlearn.methods.soft_split`) and evaluate on the test set: accuracy, DP,
+   EOP (hard predictions), adversarial loss and accuracy on Megyeri test points made once against
+   the original model ("transfer", the reference's protocol) and re-made against each unlearned
+   model ("rerun": a gamma > 1 linear perturbation flips every prediction of the model it is made
+   against, so only its loss is informative).
+
+Outputs in ``--out``: ``results.json`` (every run), ``runs.csv``, ``report.md`` with the paper's
+Tables 1 and 2 (% improvement of soft over hard on the target metric and on utility) and the
+per-algorithm metrics, and ``scatter_<dataset>.png`` (Figure 2: utility against fairness or
+robustness, hard against soft, the "free lunch" region marked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments import common
+from jaxunlearn import data, losses, methods, metrics, models, train, weights
+from jaxunlearn.influence import last_layer, measurements, scores
+
+TASKS = ("dp", "eop", "robust")
+LR_ALGORITHMS = ("GA_FT", "IF", "Fisher", "SCRUB", "Bad-T")  # Table 1 (convex model)
+NN_ALGORITHMS = ("GA_FT", "IF", "Fisher", "NTK", "SCRUB", "Bad-T", "CF-k", "EU-k")  # Table 2
+
+# The reference's per-dataset L2 of the logistic surrogate (sklearn C = 1 / l2, no intercept).
+REFERENCE_L2 = {"adult": 2.2622, "bank": 1.1622, "celeb_a": 15.1622, "civil_comments": 5.1622}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One preset: which grid to run and how long each piece trains."""
+
+    datasets: tuple = ("adult",)
+    models: tuple = ("lr", "nn")
+    tasks: tuple = TASKS
+    seeds: int = 1
+    nn_hidden: tuple = (64, 32)
+    nn_epochs: int = 6
+    nn_lr: float = 1e-3
+    unlearn_epochs: int = 5
+    unlearn_lr: float = 1e-2
+    batch_size: int = 512
+    hard_fractions: tuple = (0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
+    soft_variant: str = "min_norm"
+    max_train: int | None = None  # subsample the training set (smoke runs, CPU-scale image/text)
+    algorithms: tuple | None = None  # restrict the algorithms (default: Table 1 / Table 2 lists)
+    image_size: int = 32
+    backbone: str = "mlp"  # "mlp" or "resnet18"/"resnet50" for the image presets
+    backbone_width: int = 64
+
+
+PRESETS = {
+    "quick": Config(seeds=2, unlearn_epochs=5),
+    "smoke": Config(seeds=1, models=("lr",), tasks=("dp",), unlearn_epochs=1, max_train=2000,
+                    algorithms=("GA_FT", "IF"), hard_fractions=(0.05, 0.1)),
+    "paper": Config(seeds=5, unlearn_epochs=30, nn_epochs=20),
+    "bank": Config(datasets=("bank",), seeds=5, unlearn_epochs=30, nn_epochs=20),
+    "jigsaw": Config(datasets=("civil_comments",), seeds=5, unlearn_epochs=30, nn_epochs=10),
+    "celeba-resnet18": Config(datasets=("celeb_a",), models=("nn",), tasks=("dp", "eop"), seeds=5,
+                              unlearn_epochs=30, nn_epochs=10, backbone="resnet18",
+                              image_size=64, batch_size=256),
+    "cifar100-resnet50": Config(datasets=("cifar100",), models=("nn",), tasks=("robust",), seeds=5,
+                                unlearn_epochs=30, nn_epochs=30, backbone="resnet50",
+                                batch_size=256),
+}
+
+
+# ----------------------------------------------------------------------------- data and models
+
+
+def load_dataset(name: str, *, seed: int, data_dir: str | None, cfg: Config) -> data.Dataset:
+    """The dataset ``name``; every one but Adult needs ``data_dir``."""
+    if name == "adult":
+        ds = data.load_adult(data_dir, seed=seed)
+        if cfg.max_train is not None:
+            rows = data.subsample_rows(len(ds.train["y"]), cfg.max_train, key=jax.random.key(seed))
+            ds = dataclasses.replace(ds, train=data.take(ds.train, rows))
+        return ds
+    if data_dir is None:
+        raise ValueError(f"dataset {name!r} is read from a directory: pass --data-dir")
+    if name == "bank":
+        return data.load_bank(data_dir, seed=seed)
+    if name == "celeb_a":
+        return data.load_celeb_a(size=cfg.image_size, data_dir=data_dir, max_examples=cfg.max_train)
+    if name == "civil_comments":
+        return data.load_civil_comments(data_dir=data_dir, max_examples=cfg.max_train)
+    if name == "cifar100":
+        return data.load_cifar100(data_dir=data_dir, max_examples=cfg.max_train)
+    raise ValueError(f"unknown dataset {name!r}")
+
+
+def check_task(task: str, ds: data.Dataset) -> None:
+    """Refuse a task the dataset cannot support, naming the reason."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    if task == "robust":
+        return
+    if ds.num_groups < 2:
+        raise ValueError(f"task {task!r} needs a sensitive attribute, but {ds.name} has none")
+    if ds.num_classes != 2:
+        raise ValueError(f"task {task!r} is defined for binary targets; {ds.name} has "
+                         f"{ds.num_classes} classes")
+    for split in ("val", "test"):
+        s = getattr(ds, split)
+        for g in range(ds.num_groups):
+            cell = (s["group"] == g) if task == "dp" else (s["group"] == g) & (s["y"] == 1)
+            if not np.any(cell):
+                what = "samples" if task == "dp" else "positive samples"
+                raise ValueError(f"task {task!r}: group {ds.group_names[g]!r} has no {what} in "
+                                 f"the {split} split of {ds.name}")
+
+
+def features_of(model_kind: str, ds: data.Dataset, cfg: Config, *, key, progress: bool):
+    """Frozen features (train, val, test) and the training time of the body.
+
+    LR: the inputs themselves. NN: the penultimate activations of a network trained on the whole
+    training set with :func:`jaxunlearn.train.fit`.
+    """
+    if model_kind == "lr":
+        return ds.train["x"], ds.val["x"], ds.test["x"], 0.0
+    k = 1 if ds.num_classes == 2 else ds.num_classes
+    if cfg.backbone == "mlp":
+        net = models.mlp(int(np.prod(ds.input_shape)), k, hidden=cfg.nn_hidden)
+    elif cfg.backbone == "resnet18":
+        net = models.resnet18(ds.input_shape, k, width=cfg.backbone_width)
+    else:
+        net = models.resnet50(ds.input_shape, k, width=cfg.backbone_width)
+    steps = cfg.nn_epochs * data.num_batches(len(ds.train["y"]), cfg.batch_size)
+    tx = optax.adam(optax.cosine_decay_schedule(cfg.nn_lr, steps))
+    state = train.create_train_state(net, tx, key, ds.train["x"][:1])
+    step = train.make_train_step(net.apply, tx, l2=1e-5)
+    t0 = time.perf_counter()
+    state, _ = train.fit(state, step, ds.train, batch_size=cfg.batch_size, epochs=cfg.nn_epochs,
+                         key=jax.random.fold_in(key, 1), progress=progress, desc="NN body")
+    feats = [train.predict(net.apply, state.variables, s["x"])[1] for s in (ds.train, ds.val, ds.test)]
+    return (*feats, time.perf_counter() - t0)
+
+
+def feature_split(split: dict, features) -> dict:
+    return {"x": np.asarray(features, np.float32), "y": split["y"], "group": split["group"],
+            "index": split["index"]}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_head(head: dict, test: dict, adv_transfer: dict, *, gamma: float = 1.3) -> dict:
+    """Test metrics of a linear head on features (module docstring)."""
+    variables = {"params": head}
+    logits, _ = last_layer.head_apply(variables, jnp.asarray(test["x"]))
+    pred = np.asarray(jnp.argmax(losses.class_logits(logits), -1))
+    y, g = test["y"], test["group"]
+    out = {"accuracy": float(np.mean(pred == y)),
+           "loss": float(jnp.mean(losses.cross_entropy(logits, jnp.asarray(y))))}
+    if len(np.unique(g)) >= 2:
+        out["dp"] = float(metrics.demographic_parity(pred, g, absolute=True))
+        out["eop"] = float(metrics.equal_opportunity(pred, y, g, absolute=True))
+    adv_logits, _ = last_layer.head_apply(variables, jnp.asarray(adv_transfer["x"]))
+    out["adv_loss"] = float(jnp.mean(losses.cross_entropy(adv_logits, jnp.asarray(y))))
+    out["adv_accuracy"] = float(np.mean(np.asarray(jnp.argmax(losses.class_logits(adv_logits), -1)) == y))
+    rerun = measurements.linear_adversarial_batch(test, head["kernel"], head.get("bias"), gamma=gamma)
+    rerun_logits, _ = last_layer.head_apply(variables, jnp.asarray(rerun["x"]))
+    out["adv_loss_rerun"] = float(jnp.mean(losses.cross_entropy(rerun_logits, jnp.asarray(y))))
+    return out
+
+
+TARGET = {"dp": "dp", "eop": "eop", "robust": "adv_loss"}
+
+
+# ----------------------------------------------------------------------------- influence + weights
+
+
+def influence_vectors(head, train_f: dict, val_f: dict, *, l2: float, gamma: float = 1.3):
+    """Scores (DESIGN.md convention) of every training sample for utility, DP, EOP, robustness."""
+    problem = last_layer.make_problem(head, train_f["x"], train_f["y"], l2=l2)
+    val = {k: jnp.asarray(v) for k, v in val_f.items()}
+    adv_val = measurements.linear_adversarial_batch(val, head["kernel"], head.get("bias"), gamma=gamma)
+    measures = {"util": (measurements.utility(last_layer.head_apply), val),
+                "robust": (measurements.robustness(last_layer.head_apply), adv_val)}
+    if len(np.unique(val_f["group"])) >= 2:
+        measures["dp"] = (measurements.demographic_parity(last_layer.head_apply), val)
+        measures["eop"] = (measurements.equal_opportunity(last_layer.head_apply), val)
+    res = scores.influence_scores(problem, measures, solver="direct", on_nonstationary="raise")
+    return problem, {k: np.asarray(v) for k, v in res.scores.items()}, res.values, res.grad_norm
+
+
+def if_update(problem, head, eps) -> dict:
+    """IF's closed form, seed 004 eq. (8): theta - (1/n) H^{-1} sum_i eps_i grad l_i."""
+    d = problem.data
+    G = last_layer.per_sample_grads(d["W"], d["X"], d["y"])  # [n, p]
+    g = jnp.asarray(eps, G.dtype) @ G
+    H = problem.hessian(d)
+    step = jnp.linalg.solve(H, g) / problem.normalizer
+    W = d["W"] - step.reshape(d["W"].shape)
+    return last_layer.matrix_to_head(W, fit_intercept="bias" in head)
+
+
+def hard_sweep(problem, head, metric_scores, val_f, adv_val, task, fractions):
+    """Sweep k with the IF update on the validation set; returns (fraction, eps, curve)."""
+
+    def evaluate(eps):
+        new = if_update(problem, head, eps)
+        return evaluate_head(new, val_f, adv_val)[TARGET[task]]
+
+    sweep = weights.sweep_hard_fraction(evaluate, metric_scores, fractions)
+    return sweep.fraction, np.asarray(sweep.weights), list(zip(sweep.fractions, sweep.values))
+
+
+# ----------------------------------------------------------------------------- algorithms
+
+
+def build_methods(names, *, head, problem, cfg: Config, key) -> dict:
+    """The weight-independent algorithms on the last layer, built once per cell.
+
+    Reusing one :class:`~jaxunlearn.methods.Method` object across tasks and schemes lets
+    :func:`~jaxunlearn.methods.run_method` reuse its compiled epochs. Fisher depends on the retain
+    weights (its diagonal Fisher is weighted), so it is built per run by :func:`run_algorithm`.
+    """
+    apply_fn = last_layer.head_apply
+    opt = optax.adam(cfg.unlearn_lr)
+    slow = optax.adam(cfg.unlearn_lr / 10)
+    everything = jax.tree.map(lambda _: True, head)
+    out = {}
+    for name in names:
+        if name == "GA_FT":
+            out[name] = methods.neggrad_plus(apply_fn, alpha=0.95, weight_decay=1e-3, optimizer=opt)
+        elif name == "IF":
+            fit_intercept = "bias" in head
+            shape = problem.data["W"].shape
+
+            def inverse_hvp(v, L):
+                flat = last_layer.head_to_matrix(v).reshape(-1)
+                x = jax.scipy.linalg.cho_solve((L, True), flat)
+                return last_layer.matrix_to_head(x.reshape(shape), fit_intercept=fit_intercept)
+
+            chol = jnp.linalg.cholesky(problem.hessian(problem.data))
+            out[name] = methods.influence_unlearning(apply_fn, inverse_hvp,
+                                                     num_train=int(problem.normalizer), operands=chol)
+        elif name == "NTK":
+            out[name] = methods.ntk_forgetting(apply_fn, weight_decay=0.1)
+        elif name == "SCRUB":
+            out[name] = methods.scrub(apply_fn, optimizer=slow)
+        elif name == "Bad-T":
+            rand = jax.tree.map(lambda p: 0.1 * jax.random.normal(key, p.shape, p.dtype), head)
+            out[name] = methods.bad_teacher(apply_fn, {"params": rand}, optimizer=slow)
+        elif name == "CF-k":
+            out[name] = methods.cf_k(apply_fn, everything, optimizer=opt)
+        elif name == "EU-k":
+            fresh = {"params": jax.tree.map(jnp.zeros_like, head)}
+            out[name] = methods.eu_k(apply_fn, fresh, everything, optimizer=opt)
+        elif name != "Fisher":
+            raise ValueError(f"unknown algorithm {name!r}")
+    return out
+
+
+# Which sets each algorithm reads (the loop walks only those).
+READS = {"GA_FT": ("forget", "retain"), "IF": ("forget",), "Fisher": (), "NTK": ("forget", "retain"),
+         "SCRUB": ("forget", "retain"), "Bad-T": ("forget", "retain"), "CF-k": ("retain",),
+         "EU-k": ("retain",)}
+
+
+def run_algorithm(name, built: dict, *, head, train_f, eps, cfg, key, progress):
+    """Run algorithm ``name`` with weights ``eps``; returns (new head, seconds)."""
+    forget, retain = methods.soft_split(train_f, eps)
+    t0 = time.perf_counter()
+    if name == "Fisher":
+        fisher = methods.fisher_diagonal(last_layer.head_apply, {"params": head}, retain, batch_size=1024)
+        method = methods.fisher_forgetting(fisher, alpha=1e-8)
+    else:
+        method = built[name]
+    forget = forget if "forget" in READS[name] else None
+    retain = retain if "retain" in READS[name] else None
+    fbs = None
+    if forget is not None and retain is not None:  # mix the two sets in proportion
+        n_f, n_r = int(np.count_nonzero(forget["weight"])), int(np.count_nonzero(retain["weight"]))
+        fbs = max(1, round(cfg.batch_size * n_f / max(n_r, 1)))
+    variables, _, _ = methods.run_method(method, {"params": head}, forget, retain,
+                                         epochs=cfg.unlearn_epochs, batch_size=cfg.batch_size,
+                                         forget_batch_size=fbs, key=key, progress=progress)
+    jax.block_until_ready(variables)
+    return variables["params"], time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def run_cell(ds, model_kind, cfg: Config, *, seed: int, progress: bool) -> list[dict]:
+    """Every task x algorithm x scheme for one dataset, model and seed."""
+    key = jax.random.key(seed)
+    timings = {}
+    with common.timer(timings, "features"):
+        ftr, fva, fte, _ = features_of(model_kind, ds, cfg, key=jax.random.fold_in(key, 0),
+                                        progress=progress)
+    train_f, val_f, test_f = (feature_split(s, f) for s, f in
+                              ((ds.train, ftr), (ds.val, fva), (ds.test, fte)))
+    n = len(train_f["y"])
+    l2 = last_layer.l2_from_sklearn(1.0 / REFERENCE_L2.get(ds.name, 1.0), n)
+    k_out = 1 if ds.num_classes == 2 else ds.num_classes
+    with common.timer(timings, "refit_head"):
+        head, info = last_layer.refit_head(jnp.asarray(train_f["x"]), jnp.asarray(train_f["y"]),
+                                           l2=l2, num_outputs=k_out, fit_intercept=True)
+    if not bool(info.converged):
+        raise FloatingPointError(f"the head refit did not reach stationarity (|grad| = {float(info.grad_norm):.2e})")
+    with common.timer(timings, "influence"):
+        problem, svec, values, grad_norm = influence_vectors(head, train_f, val_f, l2=l2)
+    adv_test = measurements.linear_adversarial_batch(test_f, head["kernel"], head.get("bias"))
+    adv_val = measurements.linear_adversarial_batch(val_f, head["kernel"], head.get("bias"))
+    original = evaluate_head(head, test_f, adv_test)
+    algos = LR_ALGORITHMS if model_kind == "lr" else NN_ALGORITHMS
+    if cfg.algorithms is not None:
+        algos = tuple(a for a in algos if a in cfg.algorithms)
+    built = build_methods(algos, head=head, problem=problem, cfg=cfg, key=jax.random.fold_in(key, 3))
+    rows = [{"dataset": ds.name, "model": model_kind, "seed": seed, "task": "-", "algorithm": "original",
+             "scheme": "original", **original, "seconds": timings["refit_head"]}]
+    for task in cfg.tasks:
+        check_task(task, ds)
+        t0 = time.perf_counter()
+        eps_soft, winfo = weights.soft_weights(svec[task], svec["util"], delta=abs(float(values[task])),
+                                               variant=cfg.soft_variant)
+        eps_soft = np.asarray(eps_soft)
+        t_soft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        frac, eps_hard, curve = hard_sweep(problem, head, svec[task], val_f, adv_val, task,
+                                           cfg.hard_fractions)
+        t_hard = time.perf_counter() - t0
+        meta = {"dataset": ds.name, "model": model_kind, "seed": seed, "task": task}
+        for scheme, eps, t_w in (("hard", eps_hard, t_hard), ("soft", eps_soft, t_soft)):
+            for algo in algos:
+                new_head, secs = run_algorithm(algo, built, head=head, train_f=train_f, eps=eps,
+                                               cfg=cfg, key=jax.random.fold_in(key, 7), progress=False)
+                row = {**meta, "algorithm": algo, "scheme": scheme,
+                       **evaluate_head(new_head, test_f, adv_test),
+                       "seconds": secs, "weights_seconds": t_w,
+                       "hard_fraction": frac if scheme == "hard" else None,
+                       "soft_case": int(winfo["case"]) if scheme == "soft" else None,
+                       "predicted_metric_change": float(-np.dot(eps, svec[task])),
+                       "predicted_utility_change": float(-np.dot(eps, svec["util"]))}
+                rows.append(row)
+                if progress:
+                    print(f"  {ds.name}/{model_kind}/{task}/{algo:6s} {scheme}: "
+                          f"acc {row['accuracy']:.4f}  {TARGET[task]} {row[TARGET[task]]:.4f}", flush=True)
+        rows.append({**meta, "algorithm": "-", "scheme": "sweep", "hard_fraction": frac,
+                     "sweep_curve": curve, "influence_seconds": timings["influence"],
+                     "grad_norm": grad_norm, "original_val_metric": float(values[task])})
+    return rows
+
+
+def improvement_tables(rows: list[dict]) -> list[dict]:
+    """% improvement of soft over hard, per dataset x model x task x algorithm (seed means)."""
+    out = []
+    keys = sorted({(r["dataset"], r["model"], r["task"], r["algorithm"]) for r in rows
+                   if r["scheme"] in ("hard", "soft")})
+    for ds, model, task, algo in keys:
+        sel = {s: [r for r in rows if (r["dataset"], r["model"], r["task"], r["algorithm"], r["scheme"])
+                   == (ds, model, task, algo, s)] for s in ("hard", "soft")}
+        tgt = TARGET[task]
+        m = {s: float(np.mean([r[tgt] for r in sel[s]])) for s in sel}
+        a = {s: float(np.mean([r["accuracy"] for r in sel[s]])) for s in sel}
+        out.append({"dataset": ds, "model": model, "task": task, "algorithm": algo,
+                    f"hard_target": m["hard"], "soft_target": m["soft"],
+                    "target_improvement_%": 100 * (m["hard"] - m["soft"]) / max(abs(m["hard"]), 1e-12),
+                    "hard_accuracy": a["hard"], "soft_accuracy": a["soft"],
+                    "utility_improvement_%": 100 * (a["soft"] - a["hard"]) / a["hard"],
+                    "seeds": len(sel["soft"])})
+    return out
+
+
+def paper_table(imp: list[dict], model: str) -> str:
+    """The layout of seed 004 Tables 1/2: rows = algorithms, columns = dataset x (Fair., Robust.)."""
+    rows = {}
+    for r in imp:
+        if r["model"] != model:
+            continue
+        row = rows.setdefault(r["algorithm"], {"method": r["algorithm"]})
+        label = {"dp": "Fair.(DP)", "eop": "Fair.(EOP)", "robust": "Robust."}[r["task"]]
+        row[f"{r['dataset']} {label}"] = r["target_improvement_%"]
+        row[f"{r['dataset']} {label} utility"] = r["utility_improvement_%"]
+    return common.markdown_table(list(rows.values()), digits=1)
+
+
+def scatter(rows: list[dict], ds_name: str, path: str) -> None:
+    """Figure 2: utility vs target metric, hard (o) vs soft (x), free-lunch region shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models_ = sorted({r["model"] for r in rows if r["dataset"] == ds_name})
+    tasks = [t for t in TASKS if any(r["task"] == t and r["dataset"] == ds_name for r in rows)]
+    fig, axes = plt.subplots(len(models_), len(tasks), figsize=(4.2 * len(tasks), 3.6 * len(models_)),
+                             squeeze=False)
+    algos = sorted({r["algorithm"] for r in rows if r["scheme"] in ("hard", "soft")})
+    colors = {a: plt.cm.tab10(i % 10) for i, a in enumerate(algos)}
+    for i, model in enumerate(models_):
+        orig = [r for r in rows if r["dataset"] == ds_name and r["model"] == model and r["scheme"] == "original"]
+        for j, task in enumerate(tasks):
+            ax = axes[i][j]
+            tgt = TARGET[task]
+            x0, y0 = np.mean([r[tgt] for r in orig]), np.mean([r["accuracy"] for r in orig])
+            for algo in algos:
+                for scheme, marker in (("hard", "o"), ("soft", "x")):
+                    sel = [r for r in rows if (r["dataset"], r["model"], r["task"], r["algorithm"], r["scheme"])
+                           == (ds_name, model, task, algo, scheme)]
+                    if sel:
+                        ax.scatter(np.mean([r[tgt] for r in sel]), np.mean([r["accuracy"] for r in sel]),
+                                   marker=marker, color=colors[algo], s=45)
+            ax.scatter([x0], [y0], marker="*", color="k", s=120)
+            xl, yl = ax.get_xlim(), ax.get_ylim()
+            ax.fill_between([min(xl[0], x0), x0], y0, max(yl[1], y0), color="green", alpha=0.12)
+            ax.set_xlim(xl)
+            ax.set_ylim(yl)
+            ax.set_xlabel({"dp": "|DP| (test)", "eop": "|EOP| (test)", "robust": "adversarial loss (test)"}[task])
+            ax.set_ylabel(f"{model.upper()} test accuracy")
+            ax.set_title(f"{ds_name} / {model.upper()} / {task}")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors[a], marker="s", ls="", label=a) for a in algos]
+    handles += [Line2D([], [], color="gray", marker="o", ls="", label="hard"),
+                Line2D([], [], color="gray", marker="x", ls="", label="soft"),
+                Line2D([], [], color="k", marker="*", ls="", ms=10, label="original")]
+    fig.legend(handles=handles, loc="center right", fontsize=8)
+    fig.suptitle("Hard (o) vs soft (x) weights; green: free lunch (better target metric and utility)")
+    fig.tight_layout(rect=(0, 0, 0.88, 0.96))
+    common.savefig(fig, path)
+
+
+def report(rows, imp, cfg_name, cfg, timings) -> str:
+    parts = [f"# Soft- vs hard-weighted unlearning ({cfg_name} preset)\n",
+             f"Datasets {', '.join(cfg.datasets)}; models {', '.join(cfg.models)}; tasks "
+             f"{', '.join(cfg.tasks)}; {cfg.seeds} seed(s); {cfg.unlearn_epochs} unlearning epochs. "
+             "Target metrics on the test set: |DP| and |EOP| with hard predictions, adversarial loss "
+             "on Megyeri points made against the original model (transfer). Improvement = "
+             "(hard - soft) / hard for the target metric, (soft - hard) / hard for accuracy, in %, "
+             "on seed means.\n"]
+    for model, title in (("lr", "Table 1: convex model (LR)"), ("nn", "Table 2: non-convex model (NN, last layer)")):
+        if any(r["model"] == model for r in imp):
+            parts.append(f"## {title}: % improvement of soft over hard\n\n" + paper_table(imp, model))
+    parts.append("## Every algorithm (seed means)\n\n" + common.markdown_table(
+        imp, ["dataset", "model", "task", "algorithm", "hard_target", "soft_target",
+              "target_improvement_%", "hard_accuracy", "soft_accuracy", "utility_improvement_%"]))
+    orig = [r for r in rows if r["scheme"] == "original"]
+    parts.append("## Original models (per seed)\n\n" + common.markdown_table(
+        orig, ["dataset", "model", "seed", "accuracy", "dp", "eop", "adv_loss", "adv_accuracy"]))
+    sweeps = [r for r in rows if r["scheme"] == "sweep"]
+    parts.append("## Hard-weight sweep (chosen k per task)\n\n" + common.markdown_table(
+        sweeps, ["dataset", "model", "seed", "task", "hard_fraction", "original_val_metric", "grad_norm"]))
+    parts.append("## Wall time (seconds)\n\n" + common.markdown_table([timings]))
+    return "\n".join(parts)
+
+
+def main(argv=None) -> dict:
+    def extra(p):
+        p.add_argument("--data-dir", default=None, help="directory of a non-embedded dataset")
+        p.add_argument("--seeds", type=int, default=None, help="override the preset's seed count")
+
+    args = common.parse_args(__doc__.splitlines()[0], presets=tuple(PRESETS),
+                             default_out="runs/soft_weighted", extra=extra, argv=argv)
+    cfg = PRESETS[args.preset]
+    if args.seeds is not None:
+        cfg = dataclasses.replace(cfg, seeds=args.seeds)
+    progress = not args.no_progress
+    rows, timings = [], {}
+    t_all = time.perf_counter()
+    for ds_name in cfg.datasets:
+        for s in range(cfg.seeds):
+            seed = args.seed + s
+            with common.timer(timings, "data"):
+                ds = load_dataset(ds_name, seed=seed, data_dir=args.data_dir, cfg=cfg)
+            for task in cfg.tasks:
+                check_task(task, ds)
+            for model_kind in cfg.models:
+                print(f"[{ds_name} / {model_kind} / seed {seed}]", flush=True)
+                with common.timer(timings, f"{model_kind}"):
+                    rows.extend(run_cell(ds, model_kind, cfg, seed=seed, progress=progress))
+                common.write_json(os.path.join(args.out, "results.json"),
+                                  {"preset": args.preset, "config": dataclasses.asdict(cfg),
+                                   "rows": rows, "complete": False})
+    timings["total"] = time.perf_counter() - t_all
+    imp = improvement_tables(rows)
+    results = {"preset": args.preset, "config": dataclasses.asdict(cfg), "environment": common.environment(),
+               "timings": timings, "improvement": imp, "rows": rows, "complete": True}
+    common.write_json(os.path.join(args.out, "results.json"), results)
+    common.write_csv(os.path.join(args.out, "runs.csv"),
+                     [{k: v for k, v in r.items() if k != "sweep_curve"} for r in rows])
+    text = report(rows, imp, args.preset, cfg, timings)
+    common.write_text(os.path.join(args.out, "report.md"), text)
+    for ds_name in cfg.datasets:
+        scatter(rows, ds_name, os.path.join(args.out, f"scatter_{ds_name}.png"))
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
