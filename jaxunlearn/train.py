@@ -29,7 +29,8 @@ import numpy as np
 import optax
 
 from jaxunlearn import losses
-from jaxunlearn.data.batching import batch_plan, gather_batch, split_size
+from jaxunlearn.data.batching import batch_plan, device_data, gather_batch, split_size
+from jaxunlearn.progress import progress_bar
 
 __all__ = [
     "TrainState",
@@ -154,14 +155,6 @@ def check_labels(y, num_classes: int, name: str = "y") -> None:
         raise ValueError(f"{name} has labels in [{y.min()}, {y.max()}], outside [0, {num_classes})")
 
 
-def _device_data(split: dict) -> dict:
-    keep = {k: v for k, v in split.items() if k in ("x", "y", "group", "index")}
-    x = np.asarray(keep["x"])
-    if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
-        raise ValueError("features contain NaN or inf")
-    return {k: jnp.asarray(v) for k, v in keep.items()}
-
-
 def fit(state: TrainState, train_step, split: dict, *, batch_size: int, epochs: int,
         key: jax.Array, weight=None, checkpoints=None, progress: bool = True,
         desc: str = "train") -> tuple[TrainState, list[dict]]:
@@ -186,7 +179,7 @@ def fit(state: TrainState, train_step, split: dict, *, batch_size: int, epochs: 
       ``(state, history)`` with one ``{"epoch", "loss", "accuracy", "seconds"}`` dict per epoch run.
     """
     n = split_size(split)
-    data = _device_data(split)
+    data = device_data(split, "train")
     start = 0
     if checkpoints is not None:
         restored = checkpoints.restore_latest(state)
@@ -194,7 +187,7 @@ def fit(state: TrainState, train_step, split: dict, *, batch_size: int, epochs: 
             start, state = restored
     epoch_fn = jax.jit(make_epoch_fn(train_step), donate_argnums=(0,))
     history = []
-    bar = _progress(range(start, epochs), desc, progress, initial=start, total=epochs)
+    bar = progress_bar(range(start, epochs), desc=desc, enabled=progress, initial=start, total=epochs)
     for e in bar:
         t0 = time.perf_counter()
         ekey = jax.random.fold_in(key, e)
@@ -212,16 +205,6 @@ def fit(state: TrainState, train_step, split: dict, *, batch_size: int, epochs: 
         if checkpoints is not None:
             checkpoints.save(e + 1, state)
     return state, history
-
-
-def _progress(it, desc, enabled, **kw):
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is an optional (experiments) dependency
-        return it
-    return tqdm(it, desc=desc, leave=False, **kw)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "loss_fn"))

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxunlearn.methods import group_weights
 from jaxunlearn import data
 from jaxunlearn.data import (ChecksumError, DataError, Dataset, ForgetSetError, MissingDataError,
                              forget, images, splits, tabular, tfds_loaders)
@@ -718,7 +719,8 @@ def test_forget_retain_and_weights():
     assert ga.dtype == np.float32 and ga[0] == -1.0 and ga[1] == 1.0
     cells = forget.group_cells(s, 2)
     np.testing.assert_array_equal(cells, s["group"] + 2 * s["y"])
-    bw = forget.group_balance_weights(s, rows, num_groups=2)
+    retain = ~forget.forget_mask(12, rows)
+    bw = group_weights(s["y"], s["group"], retain, num_sensitive=2)
     np.testing.assert_allclose(np.bincount(cells, weights=bw, minlength=6),
                                np.bincount(cells, minlength=6), rtol=1e-6)
     assert np.all(bw[rows] == 0)
@@ -731,7 +733,8 @@ def test_adult_group_forget_end_to_end(adult):
     rows = data.forget_group(adult.train, target=1, group=0, fraction=0.5, key=jax.random.key(0))
     cell = (adult.train["y"] == 1) & (adult.train["group"] == 0)
     assert rows.size == cell.sum() // 2 and np.all(cell[rows])
-    w = data.group_balance_weights(adult.train, rows, num_groups=2)
+    w = group_weights(adult.train["y"], adult.train["group"], ~data.forget_mask(len(cell), rows),
+                      num_sensitive=2)
     cells = data.group_cells(adult.train, 2)
     np.testing.assert_allclose(np.bincount(cells, weights=w), np.bincount(cells), rtol=1e-5)
 

@@ -28,7 +28,6 @@ from jaxunlearn.data.forget import (
     forget_retain_splits,
     forget_top_fraction,
     forget_top_k,
-    group_balance_weights,
     group_cells,
     unlearning_weights,
 )

@@ -10,9 +10,12 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["batch_plan", "gather_batch", "num_batches", "iterate_batches", "split_size"]
+__all__ = ["batch_plan", "gather_batch", "num_batches", "iterate_batches", "split_size", "device_data"]
+
+DATA_KEYS = ("x", "y", "group", "index")
 
 
 def split_size(split: dict) -> int:
@@ -71,3 +74,21 @@ def iterate_batches(data: dict, batch_size: int, *, key=None, weight=None):
     index, bw = batch_plan(n, batch_size, key=key, weight=weight)
     for i in range(index.shape[0]):
         yield gather_batch({k: np.asarray(v) for k, v in data.items()}, index[i], bw[i])
+
+
+def device_data(split: dict, name: str = "split") -> dict:
+    """The arrays batches are gathered from (``x``, ``y``, ``group``, ``index``), checked, on device.
+
+    Raises:
+      ValueError: ``x`` or ``y`` missing, arrays of different lengths, NaN or inf in ``x``.
+    """
+    data = {k: jnp.asarray(split[k]) for k in DATA_KEYS if k in split and split[k] is not None}
+    if "x" not in data or "y" not in data:
+        raise ValueError(f"the {name} set needs 'x' and 'y'")
+    n = split_size(split)
+    for k, v in data.items():
+        if v.shape[0] != n:
+            raise ValueError(f"{name}[{k!r}] has {v.shape[0]} rows, {name}['y'] has {n}")
+    if jnp.issubdtype(data["x"].dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(data["x"]))):
+        raise ValueError(f"{name} features contain NaN or inf")
+    return data

@@ -34,7 +34,6 @@ __all__ = [
     "forget_retain_splits",
     "unlearning_weights",
     "group_cells",
-    "group_balance_weights",
 ]
 
 
@@ -216,21 +215,3 @@ def group_cells(split: Mapping[str, np.ndarray], num_groups: int) -> np.ndarray:
     if g.size and (g.min() < 0 or g.max() >= num_groups):
         raise DataError(f"group values must lie in [0, {num_groups})")
     return (g + y * num_groups).astype(np.int32)
-
-
-def group_balance_weights(split: Mapping[str, np.ndarray], rows, *,
-                          num_groups: int) -> np.ndarray:
-    """De Min et al.'s reweighting for retraining without the forget set, as weights [n] float32.
-
-    Forget rows get 0; a retain row in cell c (:func:`group_cells`) gets
-    ``N_train(c) / N_retain(c)``, so the weighted retain set has the training set's cell counts
-    (their reference draws retain samples with replacement with these weights instead).
-    """
-    n = split_len(split)
-    mask = forget_mask(n, rows)
-    cells = group_cells(split, num_groups)
-    size = int(cells.max()) + 1
-    n_train = np.bincount(cells, minlength=size).astype(np.float64)
-    n_retain = np.bincount(cells[~mask], minlength=size).astype(np.float64)
-    ratio = np.divide(n_train, n_retain, out=np.zeros(size), where=n_retain > 0)
-    return np.where(mask, 0.0, ratio[cells]).astype(np.float32)

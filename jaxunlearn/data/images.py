@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from jaxunlearn.data.dataset import DataError, Dataset, MissingDataError, make_split, require_files
 from jaxunlearn.data.splits import host_rng, split_rows, subsample_rows
+from jaxunlearn.progress import progress_bar
 
 __all__ = [
     "resize_image",
-    "progress_bar",
     "load_digits",
     "load_digits_spurious",
     "load_waterbirds",
@@ -39,17 +39,6 @@ def _pil():
     except ImportError as e:  # Pillow comes with matplotlib (the [experiments] extra)
         raise ImportError("reading images needs Pillow: pip install pillow") from e
     return Image
-
-
-def progress_bar(iterable: Iterable, *, total: int, desc: str, enabled: bool):
-    """Wrap ``iterable`` in a tqdm bar when ``enabled`` and tqdm is installed."""
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False)
 
 
 def resize_image(image, size: int, *, crop_fraction: float | None = None) -> np.ndarray:

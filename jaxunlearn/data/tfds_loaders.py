@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from jaxunlearn.data.dataset import DataError, Dataset, MissingDataError, make_split
-from jaxunlearn.data.images import progress_bar, resize_image
+from jaxunlearn.data.images import resize_image
+from jaxunlearn.progress import progress_bar
 from jaxunlearn.data.splits import split_rows, subsample_rows
 
 __all__ = [

@@ -24,13 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn.data.batching import batch_plan, gather_batch, split_size
+from jaxunlearn.data.batching import batch_plan, device_data, gather_batch, split_size
+from jaxunlearn.progress import progress_bar
 from jaxunlearn.methods.base import Method, schedule
 
 __all__ = ["run_method", "epoch_plan", "resample_plan", "split_weight"]
 
 _DEFAULT_WEIGHT = {"forget": -1.0, "retain": 1.0}
-_DATA_KEYS = ("x", "y", "group", "index")
 
 
 def split_weight(split: dict, name: str) -> np.ndarray:
@@ -137,20 +137,6 @@ def epoch_plan(key: jax.Array, uses, weights: dict, batch_size: int, *,
     return plan
 
 
-def device_data(split: dict, name: str) -> dict:
-    """The arrays of a split the loop gathers batches from (``x``, ``y``, ``group``, ``index``), on device."""
-    data = {k: jnp.asarray(split[k]) for k in _DATA_KEYS if k in split and split[k] is not None}
-    if "x" not in data or "y" not in data:
-        raise ValueError(f"the {name} set needs 'x' and 'y'")
-    n = split_size(split)
-    for k, v in data.items():
-        if v.shape[0] != n:
-            raise ValueError(f"{name}[{k!r}] has {v.shape[0]} rows, {name}['y'] has {n}")
-    if jnp.issubdtype(data["x"].dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(data["x"]))):
-        raise ValueError(f"{name} features contain NaN or inf")
-    return data
-
-
 def _make_epoch_fn(update, uses):
     def epoch_fn(variables, state, data, plan, epoch, num_epochs, key):
         def body(carry, row):
@@ -178,17 +164,6 @@ def _jitted_epoch(update, uses):
 @functools.lru_cache(maxsize=64)
 def _jitted_update(update):
     return jax.jit(update)
-
-
-def progress_bar(it, desc, enabled, total):
-    """``it`` wrapped in a tqdm bar when enabled and tqdm is installed."""
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional
-        return it
-    return tqdm(it, desc=desc, leave=False, total=total)
 
 
 def run_method(method: Method, variables, forget: dict | None, retain: dict | None, *,
@@ -255,7 +230,7 @@ def run_method(method: Method, variables, forget: dict | None, retain: dict | No
     epoch_fn = _jitted_epoch(method.update, tuple(method.uses))
     history = []
     step = 0
-    bar = progress_bar(range(epochs), method.name, progress, epochs)
+    bar = progress_bar(range(epochs), desc=method.name, enabled=progress, total=epochs)
     for e in bar:
         t0 = time.perf_counter()
         ekey = jax.random.fold_in(key, e)

@@ -24,7 +24,9 @@ import optax
 
 from jaxunlearn import losses, train
 from jaxunlearn.data.batching import split_size
-from jaxunlearn.methods.loop import device_data, progress_bar, resample_plan
+from jaxunlearn.data.batching import device_data
+from jaxunlearn.methods.loop import resample_plan
+from jaxunlearn.progress import progress_bar
 
 __all__ = ["group_weights", "retrain"]
 
@@ -109,7 +111,7 @@ def retrain(variables, apply_fn, optimizer: optax.GradientTransformation, split:
     data = device_data(split, "train")
     epoch_fn = jax.jit(train.make_epoch_fn(step))
     history = []
-    for e in progress_bar(range(epochs), "retrain", progress, epochs):
+    for e in progress_bar(range(epochs), desc="retrain", enabled=progress, total=epochs):
         t0 = time.perf_counter()
         ekey = jax.random.fold_in(key, e)
         index, bw = resample_plan(jax.random.fold_in(ekey, 0), sampling_weight, batch_size,
