@@ -1,0 +1,1 @@
+"""Influence benchmarks: jaxunlearn.influence against peer libraries (see influence_bench)."""

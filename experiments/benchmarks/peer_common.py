@@ -1,0 +1,106 @@
+"""Helpers shared by every benchmark runner (jaxunlearn's and the peers'); numpy and stdlib only.
+
+Each runner is a script run by ``influence_bench`` in its own interpreter (a peer virtualenv, or
+the project's venv for jaxunlearn):
+
+    python RUNNER.py --workload A --data A.npz --repeats 3 --scores OUT.npz [--methods a,b]
+
+It times each method ``repeats`` times end to end (stage by stage, plus the end-to-end ``total``),
+writes its scores to ``--scores`` (``{method}__scores`` [m, n] and ``{method}__self`` [n]), already
+converted to the benchmark convention (``score_i = (1/n) grad m^T H^{-1} grad l_i``), and prints one
+JSON line ``{"library", "version", "methods": {name: {"stages": {stage: [seconds...]}, ...}}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+
+import numpy as np
+
+# Stages that form a method's pipeline; "total" is measured end to end around them.
+STAGES_A = ("per_sample_grads", "measure_grads", "hessian", "factor", "solve", "scores", "self_influence")
+STAGES_B = ("query_grads", "per_sample_grads", "factor", "solve", "scores")
+# Informative stages, timed outside the pipeline (not part of "total").
+EXTRA_STAGES = ("hvp",)
+
+# Solver settings every library is given (influence_bench reports them).
+CG_RTOL = 1e-5          # stop when ||H x - b|| <= CG_RTOL ||b||
+CG_MAXITER = 1000
+ARNOLDI_RANK = 50       # top eigenpairs kept (workload B)
+ARNOLDI_KRYLOV = 2 * ARNOLDI_RANK + 1
+
+
+def parse_args(argv=None, default_methods: str = ""):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workload", choices=["A", "B"], required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--scores", required=True, help="where to write the score arrays (.npz)")
+    ap.add_argument("--methods", default=default_methods, help="comma-separated subset")
+    ap.add_argument("--cg-rows", type=int, default=None,
+                    help="workload B: query rows solved by CG (default: the reference rows)")
+    return ap.parse_args(argv)
+
+
+def load(path: str) -> dict:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+class Timer:
+    """Collects wall-clock seconds per stage for one run; ``sync`` is called before each stop."""
+
+    def __init__(self, sync=None):
+        self.times: dict[str, float] = {}
+        self.sync = sync or (lambda x: x)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        box = []
+        yield box
+        for x in box:
+            self.sync(x)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def run_repeats(fn, repeats: int, extra=EXTRA_STAGES) -> tuple[dict, dict]:
+    """Run ``fn(timer) -> outputs`` ``repeats`` times; returns ({stage: [s, ...]}, last outputs).
+
+    ``total`` is the end-to-end time less the informative ``extra`` stages.
+    """
+    stages: dict[str, list] = {}
+    out = None
+    for _ in range(max(repeats, 1)):
+        timer = Timer()
+        t0 = time.perf_counter()
+        out = fn(timer)
+        total = time.perf_counter() - t0
+        for k, v in timer.times.items():
+            stages.setdefault(k, []).append(v)
+        stages.setdefault("total", []).append(total - sum(timer.times.get(k, 0.0) for k in extra))
+    return stages, out
+
+
+def emit(library: str, version: str, methods: dict, scores: dict, scores_path: str, **extra) -> None:
+    np.savez(scores_path, **{k: np.asarray(v) for k, v in scores.items()})
+    print(json.dumps({"library": library, "version": version, "methods": methods, **extra}))
+    sys.stdout.flush()
+
+
+def head_measurement_specs(data: dict):
+    """The three workload-A measurements as (name, inputs, labels, per-example coefficient, kind).
+
+    kind "ce": sum_j coef_j CE(W x_j, y_j); kind "p1": sum_j coef_j softmax(W x_j)[1].
+    """
+    nv = len(data["yv"])
+    mean = np.full(nv, 1.0 / nv, np.float32)
+    return [
+        ("util", data["Xv"], data["yv"], mean, "ce"),
+        ("dp", data["Xv"], data["yv"], data["dp_coef"].astype(np.float32), "p1"),
+        ("rob", data["Xadv"], data["yv"], mean, "ce"),
+    ]
