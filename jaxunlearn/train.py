@@ -185,6 +185,8 @@ def fit(state: TrainState, train_step, split: dict, *, batch_size: int, epochs: 
         restored = checkpoints.restore_latest(state)
         if restored is not None:
             start, state = restored
+    # The epoch donates its state buffers; copy once so the caller's state stays valid.
+    state = jax.tree.map(jnp.copy, state)
     epoch_fn = jax.jit(make_epoch_fn(train_step), donate_argnums=(0,))
     history = []
     bar = progress_bar(range(start, epochs), desc=desc, enabled=progress, initial=start, total=epochs)

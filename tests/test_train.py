@@ -142,3 +142,15 @@ def test_fit_learns_and_evaluate_streams():
     acc = np.mean((logits[:, 0] > 0) == split["y"])
     assert acc == pytest.approx(ev["accuracy"])
     assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_fit_leaves_the_callers_state_usable():
+    split = _toy()
+    model = models.mlp(6, 1, hidden=(8,))
+    tx = optax.sgd(0.1)
+    state = train.create_train_state(model, tx, jax.random.key(0), split["x"][:1])
+    step = train.make_train_step(model.apply, tx)
+    a, _ = train.fit(state, step, split, batch_size=32, epochs=1, key=jax.random.key(1), progress=False)
+    b, _ = train.fit(state, step, split, batch_size=32, epochs=1, key=jax.random.key(1), progress=False)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -23,6 +23,7 @@ Fisher         :func:`fisher_forgetting`             one-shot; :func:`fisher_dia
 NTK            :func:`ntk_forgetting`                one-shot, forget + retain
 IF             :func:`influence_unlearning`          one-shot, forget; inverse-HVP solver
 Retrain        :func:`retrain`                       train from scratch; :func:`group_weights`
+MIU            :func:`miu`                           forget + retain with groups; :func:`check_miu_estimators`
 =============  ====================================  ==========================================
 """
 
@@ -44,3 +45,4 @@ from jaxunlearn.methods.fisher import fisher_diagonal, fisher_forgetting
 from jaxunlearn.methods.ntk import ntk_forgetting
 from jaxunlearn.methods.influence_removal import influence_unlearning
 from jaxunlearn.methods.retrain import retrain, group_weights
+from jaxunlearn.methods.miu import miu, check_estimators as check_miu_estimators

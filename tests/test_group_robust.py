@@ -1,0 +1,95 @@
+"""The group-robust driver: its metric table against numpy, bad input, and a smoke run."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import group_robust as GR
+from jaxunlearn import data, metrics, models
+from jaxunlearn import mutual_information as mi
+
+
+def _split(x, y, g):
+    return {"x": np.asarray(x, np.float32), "y": np.asarray(y, np.int32),
+            "group": np.asarray(g, np.int32), "index": np.arange(len(y), dtype=np.int32)}
+
+
+def _hand_problem():
+    rng = np.random.default_rng(0)
+    sets = {}
+    for name, n in (("retain", 40), ("forget", 8), ("val", 30), ("test", 60)):
+        sets[name] = _split(rng.normal(size=(n, 2)), rng.integers(0, 2, n), rng.integers(0, 2, n))
+    sets["forget"]["y"][:] = 1
+    sets["forget"]["group"][:] = 0
+    model = models.logistic_regression(2, 1)
+    variables = {"params": {"head": {"kernel": jnp.asarray([[1.0], [-0.5]]), "bias": jnp.asarray([0.2])}}}
+    return model, variables, sets
+
+
+def test_evaluate_matches_numpy_on_a_hand_model():
+    model, variables, sets = _hand_problem()
+    out = GR.evaluate(model.apply, variables, sets, target=1, sensitive=0)
+    pred = {k: (s["x"] @ np.array([1.0, -0.5]) + 0.2 > 0).astype(int) for k, s in sets.items()}
+    ok = {k: pred[k] == sets[k]["y"] for k in sets}
+    for k in ("retain", "forget", "test"):
+        assert out[f"{k}_accuracy"] == pytest.approx(ok[k].mean())
+    y, g = sets["test"]["y"], sets["test"]["group"]
+    assert out["group_accuracy"] == pytest.approx(ok["test"][(y == 1) & (g == 0)].mean())
+    cells = [ok["test"][(y == t) & (g == s)].mean() for t in (0, 1) for s in (0, 1)]
+    assert out["worst_group_accuracy"] == pytest.approx(min(cells))
+    eo = np.mean([abs(ok["test"][(y == t) & (g == 0)].mean() - ok["test"][(y == t) & (g == 1)].mean())
+                  for t in (0, 1)])
+    assert out["eo"] == pytest.approx(eo)
+    assert 0.0 <= out["mia"] <= 1.0 and 0.0 <= out["mia_auc"] <= 1.0
+
+
+def test_gaps_against_the_references():
+    base = {k: 0.5 for k in metrics.GAP_KEYS}
+    rows = {"rw_retrain": dict(base), "retrain": {**base, "mia": 0.9},
+            "miu": {**base, "test_accuracy": 0.6, "group_accuracy": 0.2}}
+    GR.add_gaps(rows)
+    assert rows["rw_retrain"]["avg_gap_rw_retrain"] == 0.0
+    assert rows["rw_retrain"]["tow_rw_retrain"] == 1.0
+    assert rows["miu"]["avg_gap_rw_retrain"] == pytest.approx((0.1 + 0.3) / 6)
+    assert rows["miu"]["avg_gap_retrain"] == pytest.approx((0.1 + 0.3 + 0.4) / 6)
+    assert rows["miu"]["avg_gap_nomia_rw_retrain"] == pytest.approx((0.1 + 0.3) / 5)
+
+
+def test_bad_input():
+    for r in ((0.0,), (1.5,), (-0.1, 0.5), ()):
+        with pytest.raises(ValueError):
+            GR.check_ratios(r)
+    ds = data.load_digits_spurious()
+    cfg = dict(GR._DIGITS, target=6, sensitive=0)
+    with pytest.raises(ValueError, match="outside"):
+        GR.forget_rows(ds, cfg, (0.5, 1.2), seed=0)
+    # Digit 6 with a frame exists; a cell of an absent group does not.
+    with pytest.raises(data.ForgetSetError, match="group 2 does not occur"):
+        GR.forget_rows(ds, dict(cfg, sensitive=2), (0.5,), seed=0)
+    model, variables, sets = _hand_problem()
+    sets["test"] = {k: v for k, v in sets["test"].items() if k != "group"}
+    with pytest.raises(ValueError, match="group labels missing"):
+        GR.evaluate(model.apply, variables, sets, target=1, sensitive=0)
+    # A diverging MI estimate is a reported row, never a silent number; bad input still raises.
+    row = GR.guarded("miu", lambda: (_ for _ in ()).throw(mi.MIDivergenceError("MINE diverged")))
+    assert "MIDivergenceError" in row["error"] and "test_accuracy" not in row
+    with pytest.raises(ValueError):
+        GR.guarded("miu", lambda: GR.check_ratios((2.0,)))
+
+
+def test_smoke_run_writes_outputs(tmp_path):
+    out = str(tmp_path / "run")
+    results = GR.main(["--preset", "tiny", "--out", out, "--no-progress", "--no-compile-cache"])
+    for f in ("results.json", "report.md", "group_accuracy.png", "digits_spurious_r0.5.csv"):
+        assert os.path.getsize(os.path.join(out, f)) > 0, f
+    with open(os.path.join(out, "results.json")) as fp:
+        saved = json.load(fp)
+    rows = saved["datasets"]["digits_spurious"]["ratios"]["0.5"]
+    assert set(rows) == {"original", *GR.PRESETS["tiny"]["methods"]}
+    assert rows["rw_retrain"]["avg_gap_rw_retrain"] == 0.0
+    assert "error" not in rows["miu"] and np.isfinite(rows["miu"]["avg_gap_rw_retrain"])
+    assert results["datasets"]["digits_spurious"]["ratios"]["0.5"]["miu"]["estimators"]["max_abs_mi"] >= 0
+    assert "| MIU |" in open(os.path.join(out, "report.md")).read()
