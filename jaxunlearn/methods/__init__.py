@@ -46,3 +46,4 @@ from jaxunlearn.methods.ntk import ntk_forgetting
 from jaxunlearn.methods.influence_removal import influence_unlearning
 from jaxunlearn.methods.retrain import retrain, group_weights
 from jaxunlearn.methods.miu import miu, check_estimators as check_miu_estimators
+from jaxunlearn.methods.fairness_gap_penalty import fairness_gap_penalty, with_fairness_gap_penalty

@@ -1,0 +1,409 @@
+"""The fairness-gap study of Tran & Woo: the fairness-gap penalty and the driver's pieces.
+
+Oracles: per-class variances recomputed with numpy from the captured normalisation outputs,
+central finite differences in float64 for the penalty's gradient, a manual composition of the
+wrapped method's step, np.corrcoef for Pearson's r, hand counts for the cost helpers; and an
+end-to-end run of ``experiments.fairness_gap`` on its smoke preset.
+"""
+
+import functools
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments import fairness_gap as fg
+from jaxunlearn import data, models
+from jaxunlearn import methods as M
+from jaxunlearn.methods import base
+from jaxunlearn.methods.fairness_gap_penalty import (
+    batch_class_variances, fairness_gap_penalty, penalty_loss, with_fairness_gap_penalty)
+
+K, D_IN = 4, 5
+
+
+class _Tiny(nn.Module):
+    """Dense -> BatchNorm -> relu -> Dense -> LayerNorm -> head (two normalisation layers)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, mask=None):
+        h = nn.Dense(6, name="dense")(x)
+        m = None if mask is None or not train else mask[:, None]
+        h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(h, mask=m))
+        h = nn.LayerNorm(name="ln")(nn.Dense(5, name="mid")(h))
+        return nn.Dense(K, name="head")(h), h
+
+
+MODEL = models.from_linen(_Tiny(), (D_IN,), K, uses_mask=True)
+
+
+@jax.jit
+def _norm(variables, x):
+    return MODEL.apply(variables, x, capture_norm=True)[1]["norm"]
+
+
+@functools.partial(jax.jit, static_argnames=("target",))
+def _penalty(params, model_state, reference, batch, target="variances"):
+    """``((R, diagnostics), dR/dparams)``: one compiled program per target for every test."""
+    f = lambda p: penalty_loss(MODEL.apply, p, model_state, reference, batch, num_classes=K,
+                               target=target)
+    return jax.value_and_grad(f, has_aux=True)(params)
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(seed=0, n=16):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, D_IN)).astype(np.float32)
+    # class 0: 5 samples, 1: 5, 2: 5 (one of them padding -> 4), 3: a single sample (excluded)
+    y = np.array([0] * 5 + [1] * 5 + [2] * 5 + [3], np.int32)[:n]
+    w = np.ones(n, np.float32)
+    w[14] = 0.0
+    v0 = jax.jit(MODEL.init)(jax.random.key(seed), jnp.asarray(x))
+    # a BatchNorm with non-trivial running statistics, and a perturbed model theta
+    v0 = {**v0, "batch_stats": jax.tree.map(lambda a: a + 0.3 * jnp.arange(a.size).reshape(a.shape)
+                                            / a.size, v0["batch_stats"])}
+    leaves, tdef = jax.tree.flatten(v0["params"])
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    p1 = tdef.unflatten([l + 0.3 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+    batch = {"x": jnp.asarray(x), "y": jnp.asarray(y), "weight": jnp.asarray(w)}
+    return v0, {**v0, "params": p1}, batch
+
+
+def _np_sigma(h, y, w, k=K, min_count=2):
+    """sigma_c = mean over features of the (ddof 0) variance over class-c samples; valid mask."""
+    h = np.asarray(h, np.float64).reshape(h.shape[0], -1)
+    sig, valid = np.zeros(k), np.zeros(k, bool)
+    for c in range(k):
+        idx = (np.asarray(y) == c) & (np.asarray(w) != 0)
+        if idx.sum() >= min_count:
+            sig[c] = h[idx].var(axis=0).mean()
+            valid[c] = True
+    return sig, valid
+
+
+def _np_penalty(norm, norm0, y, w, target):
+    terms = []
+    for name in sorted(norm):
+        s, valid = _np_sigma(norm[name], y, w)
+        s0, _ = _np_sigma(norm0[name], y, w)
+        if target == "variances":
+            terms.append(np.mean((s[valid] - s0[valid]) ** 2))
+        else:
+            gap = lambda v: v[valid].max() - v[valid].min()
+            terms.append((gap(s) - gap(s0)) ** 2)
+    return float(np.mean(terms))
+
+
+# ----------------------------------------------------------------------------- the penalty
+
+@pytest.mark.parametrize("target", ["variances", "gap"])
+def test_penalty_matches_numpy_on_captured_activations(target):
+    v0, v1, b = _setup()
+    norm, norm0 = _norm(v1, b["x"]), _norm(v0, b["x"])
+    assert set(norm) == {"bn", "ln"}
+    (r, diag), _ = _penalty(v1["params"], {"batch_stats": v1["batch_stats"]}, v0, b, target=target)
+    want = _np_penalty(norm, norm0, b["y"], b["weight"], target)
+    assert want > 1e-4  # theta differs from theta_0, so the check is not vacuous
+    np.testing.assert_allclose(float(r), want, rtol=2e-4)
+    assert float(diag["classes_used"]) == 3  # class 3 has one sample; the padding row is ignored
+    sig, n = jax.jit(functools.partial(batch_class_variances, num_classes=K))(
+        norm, b["y"], b["weight"])
+    np.testing.assert_array_equal(np.asarray(n), [5, 5, 4, 1])
+    np.testing.assert_allclose(np.asarray(sig["ln"])[:3],
+                               _np_sigma(norm["ln"], b["y"], b["weight"])[0][:3], rtol=2e-5)
+
+
+def test_penalty_classes_and_layers_restrict_the_sum():
+    v0, v1, b = _setup()
+    norm, norm0 = _norm(v1, b["x"]), _norm(v0, b["x"])
+    pen = functools.partial(fairness_gap_penalty, num_classes=K, classes=(0, 1), layers=("ln",))
+    r, _ = jax.jit(pen)(norm, norm0, b["y"], b["weight"])
+    s, _ = _np_sigma(norm["ln"], b["y"], b["weight"])
+    s0, _ = _np_sigma(norm0["ln"], b["y"], b["weight"])
+    np.testing.assert_allclose(float(r), np.mean((s[:2] - s0[:2]) ** 2), rtol=2e-4)
+
+
+@pytest.mark.parametrize("target", ["variances", "gap"])
+def test_penalty_is_zero_with_zero_gradient_at_theta0(target):
+    v0, _, b = _setup()
+    state = {"batch_stats": v0["batch_stats"]}
+    (val, _), g = _penalty(v0["params"], state, v0, b, target=target)
+    # exactly 0 in exact arithmetic; XLA may fuse the two identical forward passes differently.
+    # (Away from theta_0 the gradient entries are O(0.1): see the finite-difference test.)
+    assert abs(float(val)) < 1e-12
+    assert max(float(jnp.max(jnp.abs(l))) for l in jax.tree.leaves(g)) < 2e-5
+
+
+@pytest.mark.parametrize("target", ["variances", "gap"])
+def test_penalty_gradient_matches_finite_differences(target):
+    # float32 throughout (the metric's statistics are float32): central differences with a step
+    # large enough for round-off, small enough for the O(h^2) truncation error.
+    v0, v1, b = _setup(seed=3)
+    state = {"batch_stats": v1["batch_stats"]}
+    f = lambda p: _penalty(p, state, v0, b, target=target)[0][0]
+    g = _penalty(v1["params"], state, v0, b, target=target)[1]
+    rng = np.random.default_rng(0)
+    direction = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32),
+                             v1["params"])
+    shift = lambda t: jax.tree.map(lambda p, d: p + t * d, v1["params"], direction)
+    h = 2e-3
+    fd = (float(f(shift(h))) - float(f(shift(-h)))) / (2 * h)
+    analytic = sum(float(jnp.vdot(a, d)) for a, d in
+                   zip(jax.tree.leaves(g), jax.tree.leaves(direction)))
+    assert abs(analytic) > 1e-3
+    np.testing.assert_allclose(analytic, fd, rtol=1e-2)
+
+
+def _retain_batches(b):
+    fb = {**b, "weight": -jnp.ones_like(b["weight"])}
+    return {"forget": fb, "retain": b, "schedule": M.schedule(0, 1, 0)}
+
+
+def test_wrapper_is_the_method_step_then_a_penalty_step_and_respects_the_mask():
+    v0, _, b = _setup()
+    mask = models.last_k_mask(v0["params"], 2)  # blocks bn, dense, ln, mid, head: train mid, head
+    lr, lam = 0.05, 3.0
+    inner = M.finetune(MODEL.apply, optimizer=optax.sgd(0.1), trainable=mask)
+    wrapped = with_fairness_gap_penalty(inner, MODEL.apply, strength=lam, num_classes=K,
+                                        optimizer=optax.sgd(lr), trainable=mask)
+    assert wrapped.uses == ("retain",)  # CF reads D_r only; the penalty needs D_r too
+    batches = _retain_batches(b)
+    step = jax.jit(inner.update)
+    # move away from theta_0 first, so that the penalty step is not zero
+    v = step(v0, inner.init(v0), batches, jax.random.key(0))[0]
+    v = step(v, inner.init(v), batches, jax.random.key(0))[0]
+    st = wrapped.init(v0)
+    got, st2, metrics = jax.jit(wrapped.update)(v, st, batches, jax.random.key(1))
+    # oracle: the inner update from the same state, then SGD on lam * R on the trainable leaves
+    v_in, _, _ = step(v, st.extra["inner"], batches, jax.random.key(1))
+    state = {k: x for k, x in v_in.items() if k != "params"}
+    g = _penalty(v_in["params"], state, v0, b)[1]
+    want = jax.tree.map(lambda p, gi, m: p - lr * lam * gi if m else p, v_in["params"], g, mask)
+    for a, w_ in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(w_), rtol=1e-5, atol=1e-7)
+    for path in (("dense", "kernel"), ("dense", "bias"), ("bn", "scale"), ("ln", "scale")):
+        a, ref = got["params"], v0["params"]
+        for p in path:
+            a, ref = a[p], ref[p]
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(ref))  # frozen: bit-identical
+    assert float(metrics["fg_penalty"]) > 0
+    assert int(st2.step) == 1 and int(st2.extra["inner"].step) == 1
+
+
+def test_penalty_bad_input_is_rejected():
+    v0, v1, b = _setup()
+    inner = M.finetune(MODEL.apply)
+    with pytest.raises(ValueError, match="strength"):
+        with_fairness_gap_penalty(inner, MODEL.apply, strength=-1.0, num_classes=K)
+    with pytest.raises(ValueError, match="target"):
+        with_fairness_gap_penalty(inner, MODEL.apply, strength=1.0, num_classes=K, target="max")
+    with pytest.raises(ValueError, match="one-shot"):
+        one_shot = base.Method(inner.init, inner.update, one_shot=True, name="IF")
+        with_fairness_gap_penalty(one_shot, MODEL.apply, strength=1.0, num_classes=K)
+    with pytest.raises(ValueError, match="classes"):
+        with_fairness_gap_penalty(inner, MODEL.apply, strength=1.0, num_classes=K, classes=[7, 1])
+    norm = _norm(v1, b["x"])
+    with pytest.raises(ValueError, match="not normalisation outputs"):
+        fairness_gap_penalty(norm, norm, b["y"], b["weight"], num_classes=K, layers=["conv9"])
+    mlp = models.mlp(D_IN, K, hidden=(4,))
+    vm = jax.eval_shape(mlp.init, jax.random.key(0), b["x"])
+    with pytest.raises(ValueError, match="no normalisation outputs"):
+        jax.eval_shape(lambda v: penalty_loss(mlp.apply, v["params"], {}, v, b, num_classes=K), vm)
+
+
+# ----------------------------------------------------------------------------- driver helpers
+
+def test_pearson_matches_numpy_and_handles_degenerate_input():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=9), rng.normal(size=9)
+    got = fg.pearson(x, y)
+    np.testing.assert_allclose(got["r"], np.corrcoef(x, y)[0, 1], rtol=1e-12)
+    assert got["n"] == 9 and 0 < got["p"] < 1
+    assert np.isnan(fg.pearson([1.0, 2.0], [3.0, 1.0])["r"])        # n < 3
+    assert np.isnan(fg.pearson([1.0, 1.0, 1.0], [3.0, 1.0, 2.0])["r"])  # constant
+    assert fg.pearson([1.0, 2.0, np.nan, 4.0], [2.0, 4.0, 1.0, 8.0])["n"] == 3
+    with pytest.raises(ValueError):
+        fg.pearson([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("eps", [0.0, -0.1, 1.5, float("nan")])
+def test_attack_eps_outside_the_input_range_is_rejected(eps):
+    with pytest.raises(ValueError, match="outside the input range"):
+        fg.check_attack_eps(eps)
+
+
+def test_attack_eps_inside_the_range_passes():
+    assert fg.check_attack_eps(8 / 255) == pytest.approx(8 / 255)
+    assert fg.check_attack_eps(1.0) == 1.0
+
+
+def test_forget_class_absent_or_out_of_range_is_rejected():
+    y = np.array([0, 1, 2, 0, 1, 2, 4], np.int32)
+    np.testing.assert_array_equal(fg.check_forget_class(y, 1, 5), [1, 4])
+    with pytest.raises(ValueError, match="does not occur"):
+        fg.check_forget_class(y, 3, 5)
+    with pytest.raises(ValueError, match="outside"):
+        fg.check_forget_class(y, 5, 5)
+
+
+def test_model_without_normalisation_layers_is_rejected():
+    mlp = models.mlp(D_IN, K)
+    x = jnp.zeros((2, D_IN))
+    with pytest.raises(ValueError, match="no normalisation outputs"):
+        fg.check_norm_layers(mlp, jax.eval_shape(mlp.init, jax.random.key(0), x), x)
+    assert fg.check_norm_layers(MODEL, jax.eval_shape(MODEL.init, jax.random.key(0), x), x) == \
+        ["bn", "ln"]
+
+
+def test_k_larger_than_the_number_of_blocks_is_rejected():
+    p = jax.eval_shape(MODEL.init, jax.random.key(0), jnp.zeros((2, D_IN)))["params"]
+    assert fg.check_last_k(p, 5) == ["bn", "dense", "ln", "mid", "head"]
+    with pytest.raises(ValueError, match="k must be"):
+        fg.check_last_k(p, 6)
+
+
+def test_cost_helpers_count_by_hand():
+    params = {"a": jnp.zeros((3, 4)), "b": {"c": jnp.zeros((5,)), "d": jnp.zeros((2, 2))}}
+    assert fg.count_trainable(params) == 12 + 5 + 4
+    mask = {"a": np.eye(3, 4, dtype=bool), "b": {"c": True, "d": False}}
+    assert fg.count_trainable(params, mask) == 3 + 5
+    assert fg.tree_bytes({"x": jnp.zeros((3, 2), jnp.float32), "y": jnp.zeros(4, jnp.int8)}) == 28
+    st = base.MethodState(jnp.zeros((), jnp.int32), (jnp.zeros(10),),
+                          {"inner": base.MethodState(jnp.zeros((), jnp.int32), (jnp.zeros(6),), {}),
+                           "reference": {"w": jnp.zeros(1000)}})
+    assert fg.optimizer_state_bytes(st) == 40 + 24  # the reference copy is not optimizer state
+    assert fg.forget_batch_size("proportional", 64, 100, 900) == 7
+    assert fg.forget_batch_size("proportional", 8, 1, 900) == 2
+    assert fg.forget_batch_size(32, 64, 100, 900) == 32
+
+
+def test_gap_summary_savings_and_correlations_on_synthetic_rows():
+    gaps = {"b": 0.5, "a": 0.1, "c": 0.3}
+    assert fg.gap_summary(gaps, ["a", "b", "c"]) == {"gap_mean": pytest.approx(0.3),
+                                                      "gap_max": 0.5, "gap_last": 0.3}
+    rows = [{"method": "Original", "scope": "full", "gap_mean": 9.0, "gap_last": 9.0,
+             "fgsm_acc": 9.0, "pgd_acc": 9.0}]
+    for i, (m, scope) in enumerate([("CF", "full"), ("CF", "last2"), ("RL", "full"),
+                                    ("RL", "last2")]):
+        rows.append({"method": m, "scope": scope, "gap_mean": 0.1 * i, "gap_last": 0.2 * i,
+                     "fgsm_acc": 1.0 - 0.1 * i, "pgd_acc": 1.0 - 0.1 * i ** 2,
+                     "forget_acc": 0.0, "test_acc": 0.9, "time_s": 10.0 / (1 + (scope != "full")),
+                     "trainable_params": 100 if scope == "full" else 20})
+    c = fg.correlations(rows)
+    assert c["all:gap_mean~fgsm_acc"]["r"] == pytest.approx(-1.0)
+    assert c["all:gap_mean~fgsm_acc"]["n"] == 4  # the original model is excluded
+    assert c["full:gap_mean~fgsm_acc"]["n"] == 2 and np.isnan(c["full:gap_mean~fgsm_acc"]["r"])
+    sv = fg.savings(rows)
+    assert [s["method"] for s in sv] == ["CF", "RL"]
+    assert sv[0]["trainable_params_ratio"] == 5.0 and sv[0]["time_s_ratio"] == 2.0
+    assert sv[1]["d_gap_mean"] == pytest.approx(0.1)
+
+
+def test_variants_cover_every_method_full_last_k_and_penalty():
+    cfg = fg.resolve_config("quick")
+    v = fg.variants(cfg)
+    assert [m for m, s in v if s == "full" and "+" not in m] == list(fg.METHODS)
+    assert [m for m, s in v if s == "k"] == list(fg.METHODS)
+    assert [m for m, _ in v if m.endswith("+FGP")] == ["RL+FGP", "SalUn+FGP"]
+    assert fg.variants(cfg, {"RL"}) == [("RL", "full"), ("RL", "k"), ("RL+FGP", "full")]
+    with pytest.raises(ValueError, match="data-dir"):
+        fg.resolve_config("cifar10-vit")
+    with pytest.raises(ValueError, match="unknown preset"):
+        fg.resolve_config("huge")
+
+
+@pytest.mark.parametrize("preset", ["cifar10-resnet50", "cifar10-vit"])
+def test_paper_presets_build_models_with_valid_k_and_norm_layers(preset):
+    # shapes only (jax.eval_shape): the accelerator presets are checked without data or a GPU
+    cfg = fg.resolve_config(preset, data_dir="unused")
+    x = jnp.zeros((2, 32, 32, 3))
+    for name, mcfg in cfg["models"].items():
+        model = fg.build_model(mcfg, x.shape[1:], 10)
+        abstract = jax.eval_shape(model.init, jax.random.key(0), x)
+        blocks = fg.check_last_k(abstract["params"], mcfg["last_k"])
+        assert blocks[-1] == "head" and len(blocks) > mcfg["last_k"]
+        assert len(fg.check_norm_layers(model, abstract, x)) == {"resnet50": 53, "vit": 13}[name]
+    assert fg.check_attack_eps(cfg["eval"]["eps"]) == pytest.approx(8 / 255)
+
+
+def test_class_splits_separate_the_forgotten_class():
+    ds = data.load_digits()
+    s = fg.class_splits(ds, 3)
+    assert set(np.unique(s["forget"]["y"])) == {3} and 3 not in s["retain"]["y"]
+    assert 3 not in s["test_retain"]["y"] and set(np.unique(s["test_forget"]["y"])) == {3}
+    assert len(s["forget"]["y"]) + len(s["retain"]["y"]) == len(ds.train["y"])
+
+
+def _bad_cfg(**change):
+    cfg = fg.resolve_config("smoke")
+    for path, value in change.items():
+        node = cfg
+        keys = path.split("__")
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    return cfg
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"models__vit__arch": "no-norm"}, "no normalisation outputs"),
+    ({"forget_class": 11}, "forget class"),
+    ({"eval__eps": 1.5}, "outside the input range"),
+    ({"models__vit__last_k": 4}, "k must be"),
+])
+def test_driver_surfaces_bad_setups_before_training(tmp_path, monkeypatch, change, match):
+    cfg = _bad_cfg(**change)
+    build = fg.build_model
+
+    def build_or_mlp(mcfg, shape, k):  # an image MLP: a model without normalisation layers
+        if mcfg["arch"] == "no-norm":
+            return models.from_linen(models.MLP((8,), k), tuple(shape), k)
+        return build(mcfg, shape, k)
+
+    monkeypatch.setattr(fg, "build_model", build_or_mlp)
+    ds = fg.load_dataset(cfg, None, 0, False)
+    with pytest.raises(ValueError, match=match):
+        fg.run_model("vit", cfg, ds, out=str(tmp_path), seed=0, progress=False)
+    assert not os.path.exists(tmp_path / "checkpoints")  # nothing was trained
+
+
+def test_row_cache_reuses_matching_rows_only(tmp_path):
+    path = str(tmp_path / "rows" / "x.json")
+    calls = []
+    compute = lambda: calls.append(1) or {"a": len(calls)}
+    assert fg._cached(path, "fp1", compute) == {"a": 1}
+    assert fg._cached(path, "fp1", compute) == {"a": 1} and len(calls) == 1  # reused
+    assert fg._cached(path, "fp2", compute) == {"a": 2}  # the configuration changed: recomputed
+    assert fg.fingerprint({"b": 1, "a": [1, 2]}) == fg.fingerprint({"a": [1, 2], "b": 1})
+
+
+@pytest.mark.slow
+def test_driver_smoke_run_writes_every_output(tmp_path):
+    # One method (GA, the cheapest to compile) on the full model and its last block: the other
+    # methods share this path (run_variant -> build_method -> run_method -> evaluate_model);
+    # test_variants_cover_every_method checks that the presets list all of them.
+    out = str(tmp_path / "run")
+    res = fg.main(["--preset", "smoke", "--out", out, "--no-progress", "--methods", "GA"])
+    for f in ("results.json", "report.md", "summary.csv", "fairness_gap_layers.csv",
+              "fairness_gap_layers_vit.png", "conjecture2_vit.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 0, f
+    rows = res["models"][0]["rows"]
+    labels = [(r["method"], r["scope"]) for r in rows]
+    assert labels == [("Original", "full"), ("GA", "full"), ("GA", "last1")]
+    report = open(os.path.join(out, "report.md")).read()
+    for m in labels:
+        assert f"| {m[0]} | {m[1]} |" in report
+    layers = open(os.path.join(out, "fairness_gap_layers.csv")).read().splitlines()
+    assert len(layers) == 1 + len(rows) * 3  # SmallViT depth 1: ln1, ln2, head_norm
+    for r in rows:
+        assert 0 <= r["pgd_acc"] <= 1 and 0 <= r["fgsm_acc"] <= 1 and np.isfinite(r["gap_mean"])
+        assert r["gap_max"] >= r["gap_mean"] >= 0
+    full, last = rows[1], rows[2]
+    assert last["trainable_params"] < full["trainable_params"]
+    assert last["opt_state_bytes"] < full["opt_state_bytes"]
+    assert os.path.isdir(os.path.join(out, "checkpoints", "vit", "original"))
+    assert set(res["models"][0]["correlations"]["all:gap_mean~fgsm_acc"]) == {"r", "p", "n"}
