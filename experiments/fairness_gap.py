@@ -2,6 +2,7 @@
 
     python -m experiments.fairness_gap [--preset quick|smoke|cifar10-resnet50|cifar10-vit]
                                        [--out DIR] [--data-dir DIR] [--models M,..] [--methods M,..]
+                                       [--penalty-strength LAMBDA] [--seed S] [--no-progress]
 
 Pipeline, per model of the preset:
 
@@ -21,12 +22,13 @@ Outputs in ``DIR``: ``results.json``, ``report.md``, ``summary.csv`` (one row pe
 method), ``fairness_gap_layers.csv`` (one row per model, method and layer),
 ``fairness_gap_layers_<model>.png`` (per-layer gap, one panel per method) and
 ``conjecture2_<model>.png`` (gap vs adversarial accuracy). Finished rows are cached under
-``DIR/rows`` and reused when the configuration is unchanged, so an interrupted run resumes.
+``DIR/rows`` (keyed by a hash of everything that determines them) and the original and retrained
+models are checkpointed every epoch, so an interrupted run resumes where it stopped.
 
-Presets: ``quick`` (default; CPU, offline, minutes: scikit-learn digits with a width-8 ResNet-18 and
-a 3-block SmallViT, or a CIFAR-10 subset when ``--data-dir`` holds TFDS cifar10),
-``smoke`` (seconds; a tiny SmallViT, for tests), ``cifar10-resnet50`` and ``cifar10-vit`` (paper
-scale, accelerators; TFDS cifar10 in ``--data-dir``).
+Presets: ``quick`` (default; CPU, offline: scikit-learn digits with a width-8 ResNet-18 and a
+3-block SmallViT, 38 trained models, about 12 CPU-minutes on 2 cores; or a CIFAR-10 subset when
+``--data-dir`` holds TFDS cifar10), ``smoke`` (a tiny SmallViT, for tests), ``cifar10-resnet50``
+and ``cifar10-vit`` (paper scale, accelerators; TFDS cifar10 in ``--data-dir``).
 """
 
 from __future__ import annotations
@@ -371,10 +373,26 @@ def init_variables(model: models.Model, key, sample_x) -> dict:
     return dict(jax.jit(model.init)(key, jnp.asarray(sample_x)))
 
 
+HISTORY = "history.json"  # per-epoch history kept next to the checkpoints (timing of resumed runs)
+
+
+def merge_history(earlier: list[dict], new: list[dict], epochs: int) -> list[dict]:
+    """The epochs of earlier runs that this run did not redo, followed by this run's epochs
+    (``fit`` resumes after the last checkpointed epoch; all of them when it had nothing to do)."""
+    first = new[0]["epoch"] if new else epochs + 1
+    return [h for h in earlier if h["epoch"] < first] + list(new)
+
+
 def train_model(model: models.Model, tcfg: dict, split: dict, *, key, ckpt_dir: str | None,
                 progress: bool, desc: str):
     """Train from scratch with a recipe (cosine-decayed optimizer, L2 in the objective),
-    resuming from ``ckpt_dir``. Used for the original model and for Retrain (on D_r)."""
+    resuming from ``ckpt_dir``. Used for the original model and for Retrain (on D_r).
+
+    Returns:
+      ``(variables, seconds, history, tx)``: ``history`` has one row per epoch, including the
+      epochs of earlier (interrupted) runs recorded in ``ckpt_dir/history.json``, and
+      ``seconds`` is the sum of their epoch times (the first includes compilation).
+    """
     steps = tcfg["epochs"] * data.num_batches(data.split_size(split), tcfg["batch_size"])
     tx = make_optimizer({**tcfg, "weight_decay": 0.0}, steps)
     params, model_state = base.split_model_state(
@@ -382,7 +400,10 @@ def train_model(model: models.Model, tcfg: dict, split: dict, *, key, ckpt_dir: 
     state = train.TrainState(jnp.zeros((), jnp.int32), params, model_state, tx.init(params))
     step = train.make_train_step(model.apply, tx, l2=tcfg["l2"])
     ck = checkpoint.Checkpointer(ckpt_dir) if ckpt_dir else None
-    t0 = time.perf_counter()
+    earlier = []
+    if ckpt_dir and os.path.exists(os.path.join(ckpt_dir, HISTORY)):
+        with open(os.path.join(ckpt_dir, HISTORY)) as f:
+            earlier = json.load(f)
     try:
         state, history = train.fit(state, step, split, batch_size=tcfg["batch_size"],
                                    epochs=tcfg["epochs"], key=jax.random.fold_in(key, 1),
@@ -390,7 +411,10 @@ def train_model(model: models.Model, tcfg: dict, split: dict, *, key, ckpt_dir: 
     finally:
         if ck is not None:
             ck.close()
-    return state.variables, time.perf_counter() - t0, history, tx
+    history = merge_history(earlier, history, tcfg["epochs"])
+    if ckpt_dir:
+        common.write_json(os.path.join(ckpt_dir, HISTORY), history)
+    return state.variables, float(sum(h["seconds"] for h in history)), history, tx
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -556,7 +580,7 @@ def run_variant(name: str, k: int | None, ctx: dict) -> dict:
                 ckpt_dir=os.path.join(ctx["out"], "checkpoints", ctx["model_name"], "retrain"),
                 progress=ctx["progress"], desc=f"{ctx['model_name']} retrain")
             row.update(time_s=seconds, setup_s=0.0, epoch_s=_steady_epoch_seconds(history),
-                       epochs=tcfg["epochs"], resumed_epochs=tcfg["epochs"] - len(history),
+                       epochs=tcfg["epochs"], timed_epochs=len(history),
                        trainable_params=count_trainable(params),
                        opt_state_bytes=tree_bytes(jax.eval_shape(tx.init, params)))
             if name in ctx["memory_analysis"]:
@@ -653,7 +677,9 @@ def run_model(model_name: str, cfg: dict, ds: data.Dataset, *, out: str, seed: i
            "norm_order": norm_order, "eval": ecfg, "unlearn": cfg["unlearn"],
            "train_cfg": mcfg["train"], "model_cfg": mcfg, "key": key, "out": out,
            "progress": progress, "memory_analysis": cfg["memory_analysis"]}
-    base_fp = {"version": ROWS_VERSION, "model": mcfg, "data": cfg["data"],
+    # A method's own hyperparameters (overrides included) enter its row's key below.
+    model_fp = {k: v for k, v in mcfg.items() if k != "unlearn_overrides"}
+    base_fp = {"version": ROWS_VERSION, "model": model_fp, "data": cfg["data"],
                "forget_class": cfg["forget_class"], "eval": ecfg, "seed": seed,
                "memory": cfg["memory_analysis"]}
     rows_dir = os.path.join(out, "rows", model_name)
@@ -661,7 +687,7 @@ def run_model(model_name: str, cfg: dict, ds: data.Dataset, *, out: str, seed: i
     def original_row():
         row = {"model": model_name, "method": "Original", "scope": "full", "time_s": train_s,
                "epochs": mcfg["train"]["epochs"],
-               "resumed_epochs": mcfg["train"]["epochs"] - len(history),
+               "timed_epochs": len(history), "epoch_s": _steady_epoch_seconds(history),
                "trainable_params": count_trainable(original["params"])}
         return _finish(row, original, ctx)
 

@@ -381,6 +381,13 @@ def test_row_cache_reuses_matching_rows_only(tmp_path):
     assert fg.fingerprint({"b": 1, "a": [1, 2]}) == fg.fingerprint({"a": [1, 2], "b": 1})
 
 
+def test_merge_history_keeps_the_timing_of_resumed_epochs():
+    h = lambda *e: [{"epoch": i, "seconds": float(i)} for i in e]
+    assert fg.merge_history(h(1, 2, 3), h(3, 4), 4) == h(1, 2, 3, 4)  # epoch 3 redone: new one
+    assert fg.merge_history(h(1, 2, 3, 4), [], 4) == h(1, 2, 3, 4)    # everything restored
+    assert fg.merge_history([], h(1, 2), 2) == h(1, 2)                # fresh run
+
+
 @pytest.mark.slow
 def test_driver_smoke_run_writes_every_output(tmp_path):
     # One method (GA, the cheapest to compile) on the full model and its last block: the other
@@ -405,5 +412,5 @@ def test_driver_smoke_run_writes_every_output(tmp_path):
     full, last = rows[1], rows[2]
     assert last["trainable_params"] < full["trainable_params"]
     assert last["opt_state_bytes"] < full["opt_state_bytes"]
-    assert os.path.isdir(os.path.join(out, "checkpoints", "vit", "original"))
+    assert os.path.exists(os.path.join(out, "checkpoints", "vit", "original", "history.json"))
     assert set(res["models"][0]["correlations"]["all:gap_mean~fgsm_acc"]) == {"r", "p", "n"}
