@@ -79,24 +79,17 @@ _UNLEARN_CPU = {
     "penalty": dict(methods=("RL", "SalUn"), strength=20.0, lr=0.01, target="variances"),
 }
 
+# Paper scale: the CPU recipe with the reference's batch size, epochs and small BS/GA rates.
 _UNLEARN_PAPER = {
+    **_UNLEARN_CPU,
     "batch_size": 128,
     "epochs": 10,
     "methods": {
-        "CF": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4),
-        "RL": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-3,
-                   forget_batch="proportional"),
-        "SalUn": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-3, threshold=0.5,
-                      forget_batch="proportional"),
-        "BS": dict(optimizer="sgd", lr=1e-5, momentum=0.9, weight_decay=0.0, eps=0.1,
-                   forget_batch=128),
-        "SCRUB": dict(optimizer="adam", lr=5e-4, alpha=0.5, gamma=1.0, temperature=2.0,
-                      max_epochs=3, forget_batch=128),
-        "GA": dict(optimizer="sgd", lr=1e-4, momentum=0.9, weight_decay=0.0, epochs=5,
-                   forget_batch=128),
-        "L1-sparse": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, alpha=5e-4),
+        **_UNLEARN_CPU["methods"],
+        "BS": {**_UNLEARN_CPU["methods"]["BS"], "lr": 1e-5, "forget_batch": 128},
+        "SCRUB": {**_UNLEARN_CPU["methods"]["SCRUB"], "max_epochs": 3, "forget_batch": 128},
+        "GA": {**_UNLEARN_CPU["methods"]["GA"], "lr": 1e-4, "epochs": 5, "forget_batch": 128},
     },
-    "penalty": dict(methods=("RL", "SalUn"), strength=20.0, lr=0.01, target="variances"),
 }
 
 PRESETS = {
