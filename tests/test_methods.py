@@ -331,6 +331,59 @@ def test_fisher_forgetting_noise_scale_and_clamp():
         M.fisher_forgetting(jax.tree.map(lambda f: f * np.nan, fisher)).init(V0)
 
 
+def test_fisher_newton_step_matches_hand():
+    """theta_0 - g_r / (F + damping), g_r = weighted-mean CE gradient + l2 theta_0 (alpha = 0)."""
+    w = np.r_[np.linspace(0.2, 1.4, 11), 0.0]
+    retain = {"x": X[:12], "y": Y[:12], "weight": w}
+    fisher = M.fisher_diagonal(APPLY, V0, retain, batch_size=5)
+    l2 = 0.03
+    g = M.retain_gradient(APPLY, V0, retain, l2=l2, batch_size=5)
+    W0, b0 = wb(V0)
+    gw, gb = np.zeros((D, K)), np.zeros(K)
+    for i in range(12):
+        dz = softmax(X[i] @ W0 + b0) - np.eye(K)[Y[i]]
+        gw += w[i] * np.outer(X[i], dz)
+        gb += w[i] * dz
+    gw, gb = gw / 11 + l2 * W0, gb / 11 + l2 * b0
+    np.testing.assert_allclose(g["head"]["kernel"], gw, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g["head"]["bias"], gb, rtol=1e-5, atol=1e-7)
+    method = M.fisher_forgetting(fisher, alpha=0.0, newton_grad=g, damping=l2)
+    out, _, _ = method.update(V0, method.init(V0), {}, jax.random.key(0))
+    fw, fb = (np.asarray(fisher["head"][k], np.float64) for k in ("kernel", "bias"))
+    np.testing.assert_allclose(out["params"]["head"]["kernel"], W0 - gw / (fw + l2), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out["params"]["head"]["bias"], b0 - gb / (fb + l2), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="damping"):
+        M.fisher_forgetting(fisher, newton_grad=g)
+    with pytest.raises(ValueError, match="newton_grad must be finite"):
+        M.fisher_forgetting(fisher, newton_grad=jax.tree.map(lambda a: a * np.nan, g), damping=1.0).init(V0)
+    with pytest.raises(ValueError, match="no sample with a nonzero weight"):
+        M.retain_gradient(APPLY, V0, {**retain, "weight": np.zeros(12)})
+
+
+def test_newton_step_size_is_armijo_backtracking():
+    """The largest eta = 2^-j with L(theta + eta d) <= L(theta) + 1e-4 eta g.d, against a dense scan."""
+    retain = {"x": X, "y": Y, "weight": np.r_[np.ones(14), np.zeros(6)]}
+    l2, damping = 1e-3, 1e-3
+    g = M.retain_gradient(APPLY, V0, retain, l2=l2)
+    fisher = M.fisher_diagonal(APPLY, V0, retain)
+    eta = M.newton_step_size(APPLY, V0, retain, fisher, g, l2=l2, damping=damping)
+    W0, b0 = (np.asarray(a, np.float64) for a in wb(V0))
+    dW = -np.asarray(g["head"]["kernel"]) / (np.asarray(fisher["head"]["kernel"]) + damping)
+    db = -np.asarray(g["head"]["bias"]) / (np.asarray(fisher["head"]["bias"]) + damping)
+    slope = np.sum(np.asarray(g["head"]["kernel"]) * dW) + np.sum(np.asarray(g["head"]["bias"]) * db)
+
+    def L(W, b):  # float64 oracle of the retain objective
+        z = X[:14] @ W + b
+        ce = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1) - z[np.arange(14), Y[:14]]
+        return ce.mean() + 0.5 * l2 * (np.sum(W * W) + np.sum(b * b))
+
+    ok = [e for e in 0.5 ** np.arange(31) if L(W0 + e * dW, b0 + e * db) <= L(W0, b0) + 1e-4 * e * slope]
+    assert slope < 0 and eta == pytest.approx(ok[0])
+    with pytest.raises(FloatingPointError, match="decreases the retain objective"):
+        M.newton_step_size(APPLY, V0, retain, fisher, jax.tree.map(lambda a: -a, g), l2=l2,
+                           damping=damping, max_halvings=5)
+
+
 def _ntk_primal(v, x, y, c, lam):
     """argmin_w sum_i c_i ||J_i w + r_i||^2 + (sum c) lam ||w||^2, w = (dW, db), float64."""
     W, b = wb(v)

@@ -19,7 +19,7 @@ L1-sparse      :func:`l1_sparse`                     retain
 BS             :func:`boundary_shrink`               forget
 SCRUB          :func:`scrub`                         forget + retain
 Bad-T          :func:`bad_teacher`                   forget + retain; random teacher
-Fisher         :func:`fisher_forgetting`             one-shot; :func:`fisher_diagonal`
+Fisher         :func:`fisher_forgetting`             one-shot; :func:`fisher_diagonal`, :func:`retain_gradient`
 NTK            :func:`ntk_forgetting`                one-shot, forget + retain
 IF             :func:`influence_unlearning`          one-shot, forget; inverse-HVP solver
 Retrain        :func:`retrain`                       train from scratch; :func:`group_weights`
@@ -41,7 +41,8 @@ from jaxunlearn.methods.l1_sparse import l1_sparse
 from jaxunlearn.methods.boundary_shrink import boundary_shrink, neighbour_labels
 from jaxunlearn.methods.scrub import scrub
 from jaxunlearn.methods.bad_teacher import bad_teacher
-from jaxunlearn.methods.fisher import fisher_diagonal, fisher_forgetting
+from jaxunlearn.methods.fisher import (fisher_diagonal, fisher_forgetting, retain_gradient,
+                                      newton_step_size)
 from jaxunlearn.methods.ntk import ntk_forgetting
 from jaxunlearn.methods.influence_removal import influence_unlearning
 from jaxunlearn.methods.retrain import retrain, group_weights
