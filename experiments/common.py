@@ -20,8 +20,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["parse_args", "write_text", "write_json", "write_csv", "markdown_table", "timer",
-           "environment", "savefig"]
+__all__ = ["parse_args", "write_text", "write_json", "write_csv", "resume_rows", "markdown_table",
+           "timer", "environment", "savefig"]
 
 
 def parse_args(description: str, *, presets: Sequence[str] = ("quick", "paper"),
@@ -79,6 +79,37 @@ def _jsonable(o: Any):
 def write_json(path: str, obj: Any) -> None:
     """Write ``obj`` as indented JSON atomically (numpy/jax values converted)."""
     _atomic_write(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def resume_rows(path: str, signature: dict) -> list[dict]:
+    """The rows of an interrupted run at ``path`` (a ``results.json``), if it ran ``signature``.
+
+    Drivers write ``{"signature": ..., "rows": [...]}`` after each finished unit of work, so the
+    rows found here are complete units. Returns ``[]`` when there is no file yet.
+
+    Raises:
+      ValueError: the file is unreadable, or it was written by a run with another signature
+        (naming the keys that differ), so that results of two configurations never mix.
+    """
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot resume from {path}: {e}; remove it or pass --fresh") from None
+    want = json.loads(json.dumps(_jsonable(signature)))
+    have = saved.get("signature")
+    if have != want:
+        if not isinstance(have, dict):
+            raise ValueError(f"{path} has no run signature; remove it or pass --fresh")
+        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        raise ValueError(f"{path} was written by a run with other settings ({', '.join(diff)}); "
+                         "pass --fresh to start over or choose another --out")
+    rows = saved.get("rows")
+    if not isinstance(rows, list):
+        raise ValueError(f"{path} holds no list of rows; remove it or pass --fresh")
+    return rows
 
 
 def write_csv(path: str, rows: Sequence[dict]) -> None:

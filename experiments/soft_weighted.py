@@ -1,7 +1,7 @@
 """Hard- vs soft-weighted unlearning for fairness and robustness (Qiao et al. 2026, seed 004).
 
     python -m experiments.soft_weighted [--preset quick|paper|bank|celeba-resnet18|cifar100-resnet50|jigsaw]
-                                        [--out DIR] [--data-dir DIR] [--seeds N]
+                                        [--out DIR] [--data-dir DIR] [--seeds N] [--fresh]
 
 For every dataset x model (LR; NN = the MLP, unlearned on its last layer) x task (fairness via
 DP, fairness via EOP, robustness) x algorithm, over several seeds:
@@ -15,10 +15,12 @@ DP, fairness via EOP, robustness) x algorithm, over several seeds:
 3. soft weights: the closed form of eq. (6)-(7) (:func:`jaxunlearn.weights.soft_weights`, the
    reference's minimum-norm variant: predicted metric change -|f0|, predicted utility change 0);
    hard weights: eps = -1 on the k% most harmful samples, k swept on the validation set with the
-   IF update until the target metric stops improving (the sweep uses IF's closed form for every
-   algorithm, so all hard runs share one k);
+   IF update until the target metric stops improving by more than 1 % of its original value
+   (the sweep uses IF's closed form for every algorithm, so all hard runs share one k);
 4. run each unlearning algorithm on the last layer with the hard and with the soft weights (the
-   same code: :func:`jaxunlearn.methods.soft_split`) and evaluate on the test set: accuracy, DP,
+   same code: :func:`jaxunlearn.methods.soft_split`; Fisher takes the diagonal-Fisher Newton step
+   towards the weighted retain optimum, with a backtracking step size, before its noise) and
+   evaluate on the test set: accuracy, DP,
    EOP (hard predictions), adversarial loss and accuracy on Megyeri test points made once against
    the original model ("transfer", the reference's protocol) and re-made against each unlearned
    model ("rerun": a gamma > 1 linear perturbation flips every prediction of the model it is made
@@ -67,8 +69,10 @@ class Config:
     unlearn_epochs: int = 5
     unlearn_lr: float = 1e-2
     batch_size: int = 512
-    hard_fractions: tuple = (0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
+    hard_fractions: tuple = (0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+    sweep_tolerance: float = 0.01  # a larger hard k must improve the val metric by 1 % of its original value
     soft_variant: str = "min_norm"
+    fisher_alpha: float = 1e-8  # noise scale of Fisher forgetting (reference range 1e-9 ... 1e-6)
     max_train: int | None = None  # subsample the training set (smoke runs, CPU-scale image/text)
     algorithms: tuple | None = None  # restrict the algorithms (default: Table 1 / Table 2 lists)
     image_size: int = 32
@@ -222,14 +226,20 @@ def if_update(problem, head, eps) -> dict:
     return last_layer.matrix_to_head(W, fit_intercept="bias" in head)
 
 
-def hard_sweep(problem, head, metric_scores, val_f, adv_val, task, fractions):
-    """Sweep k with the IF update on the validation set; returns (fraction, eps, curve)."""
+def hard_sweep(problem, head, metric_scores, val_f, adv_val, task, fractions, tolerance):
+    """Sweep k with the IF update on the validation set; returns (fraction, eps, curve).
+
+    A larger k must lower the validation metric by more than ``tolerance`` times the original
+    model's value, so that vanishing gains do not remove half of the training set.
+    """
 
     def evaluate(eps):
         new = if_update(problem, head, eps)
         return evaluate_head(new, val_f, adv_val)[TARGET[task]]
 
-    sweep = weights.sweep_hard_fraction(evaluate, metric_scores, fractions)
+    base_value = abs(evaluate_head(head, val_f, adv_val)[TARGET[task]])
+    sweep = weights.sweep_hard_fraction(evaluate, metric_scores, fractions,
+                                        min_improvement=tolerance * base_value)
     return sweep.fraction, np.asarray(sweep.weights), list(zip(sweep.fractions, sweep.values))
 
 
@@ -286,13 +296,21 @@ READS = {"GA_FT": ("forget", "retain"), "IF": ("forget",), "Fisher": (), "NTK": 
          "EU-k": ("retain",)}
 
 
-def run_algorithm(name, built: dict, *, head, train_f, eps, cfg, key, progress):
+def run_algorithm(name, built: dict, *, head, train_f, eps, cfg, key, progress, l2: float):
     """Run algorithm ``name`` with weights ``eps``; returns (new head, seconds)."""
     forget, retain = methods.soft_split(train_f, eps)
     t0 = time.perf_counter()
-    if name == "Fisher":
-        fisher = methods.fisher_diagonal(last_layer.head_apply, {"params": head}, retain, batch_size=1024)
-        method = methods.fisher_forgetting(fisher, alpha=1e-8)
+    if name == "Fisher":  # the diagonal Newton step on the weighted retain objective, then noise
+        v = {"params": head}
+        # soft weights 1 + eps can be negative (ascent); the curvature keeps only the non-negative
+        # part so that diag(F) + l2 stays positive, as a Gauss-Newton approximation does
+        curvature = {**retain, "weight": np.maximum(retain["weight"], 0.0)}
+        fisher = methods.fisher_diagonal(last_layer.head_apply, v, curvature, batch_size=1024)
+        grad = methods.retain_gradient(last_layer.head_apply, v, retain, l2=l2, batch_size=4096)
+        eta = methods.newton_step_size(last_layer.head_apply, v, retain, fisher, grad, l2=l2,
+                                       damping=l2, batch_size=4096)
+        method = methods.fisher_forgetting(fisher, alpha=cfg.fisher_alpha, newton_grad=grad,
+                                           damping=l2, step_size=eta)
     else:
         method = built[name]
     forget = forget if "forget" in READS[name] else None
@@ -348,13 +366,14 @@ def run_cell(ds, model_kind, cfg: Config, *, seed: int, progress: bool) -> list[
         t_soft = time.perf_counter() - t0
         t0 = time.perf_counter()
         frac, eps_hard, curve = hard_sweep(problem, head, svec[task], val_f, adv_val, task,
-                                           cfg.hard_fractions)
+                                           cfg.hard_fractions, cfg.sweep_tolerance)
         t_hard = time.perf_counter() - t0
         meta = {"dataset": ds.name, "model": model_kind, "seed": seed, "task": task}
         for scheme, eps, t_w in (("hard", eps_hard, t_hard), ("soft", eps_soft, t_soft)):
             for algo in algos:
                 new_head, secs = run_algorithm(algo, built, head=head, train_f=train_f, eps=eps,
-                                               cfg=cfg, key=jax.random.fold_in(key, 7), progress=False)
+                                               cfg=cfg, key=jax.random.fold_in(key, 7), progress=False,
+                                               l2=l2)
                 row = {**meta, "algorithm": algo, "scheme": scheme,
                        **evaluate_head(new_head, test_f, adv_test),
                        "seconds": secs, "weights_seconds": t_w,
@@ -475,46 +494,69 @@ def report(rows, imp, cfg_name, cfg, timings) -> str:
     return "\n".join(parts)
 
 
+def run_study(cfg: Config, *, out: str, preset: str = "custom", data_dir: str | None = None,
+              seed: int = 0, progress: bool = True, fresh: bool = False) -> dict:
+    """Run the grid of ``cfg`` and write every output to ``out`` (module docstring).
+
+    ``results.json`` is rewritten atomically after each dataset x model x seed cell; a rerun
+    with the same settings skips the finished cells (``fresh=True`` starts over).
+
+    Returns:
+      The results dict that is also written to ``out/results.json``.
+    """
+    path = os.path.join(out, "results.json")
+    signature = {"preset": preset, "config": dataclasses.asdict(cfg), "seed": seed}
+    rows = [] if fresh else common.resume_rows(path, signature)
+    done = {(r["dataset"], r["model"], r["seed"]) for r in rows}
+    if done:
+        print(f"resuming {path}: {len(done)} finished cell(s) kept", flush=True)
+    timings = {}
+    t_all = time.perf_counter()
+    for ds_name in cfg.datasets:
+        for s in range(cfg.seeds):
+            cell_seed = seed + s
+            todo = [m for m in cfg.models if (ds_name, m, cell_seed) not in done]
+            if not todo:
+                continue
+            with common.timer(timings, "data"):
+                ds = load_dataset(ds_name, seed=cell_seed, data_dir=data_dir, cfg=cfg)
+            for task in cfg.tasks:
+                check_task(task, ds)
+            for model_kind in todo:
+                print(f"[{ds_name} / {model_kind} / seed {cell_seed}]", flush=True)
+                with common.timer(timings, f"{model_kind}"):
+                    rows.extend(run_cell(ds, model_kind, cfg, seed=cell_seed, progress=progress))
+                common.write_json(path, {"signature": signature, "rows": rows, "complete": False})
+    timings["total"] = time.perf_counter() - t_all
+    imp = improvement_tables(rows)
+    results = {"signature": signature, "preset": preset, "config": dataclasses.asdict(cfg),
+               "environment": common.environment(), "timings": timings, "improvement": imp,
+               "rows": rows, "complete": True}
+    common.write_json(path, results)
+    common.write_csv(os.path.join(out, "runs.csv"),
+                     [{k: v for k, v in r.items() if k != "sweep_curve"} for r in rows])
+    text = report(rows, imp, preset, cfg, timings)
+    common.write_text(os.path.join(out, "report.md"), text)
+    for ds_name in cfg.datasets:
+        scatter(rows, ds_name, os.path.join(out, f"scatter_{ds_name}.png"))
+    print(text)
+    return results
+
+
 def main(argv=None) -> dict:
     def extra(p):
         p.add_argument("--data-dir", default=None, help="directory of a non-embedded dataset")
         p.add_argument("--seeds", type=int, default=None, help="override the preset's seed count")
+        p.add_argument("--fresh", action="store_true",
+                       help="ignore the finished cells of an earlier run in --out")
 
     args = common.parse_args(__doc__.splitlines()[0], presets=tuple(PRESETS),
                              default_out="runs/soft_weighted", extra=extra, argv=argv)
     cfg = PRESETS[args.preset]
     if args.seeds is not None:
         cfg = dataclasses.replace(cfg, seeds=args.seeds)
-    progress = not args.no_progress
-    rows, timings = [], {}
-    t_all = time.perf_counter()
-    for ds_name in cfg.datasets:
-        for s in range(cfg.seeds):
-            seed = args.seed + s
-            with common.timer(timings, "data"):
-                ds = load_dataset(ds_name, seed=seed, data_dir=args.data_dir, cfg=cfg)
-            for task in cfg.tasks:
-                check_task(task, ds)
-            for model_kind in cfg.models:
-                print(f"[{ds_name} / {model_kind} / seed {seed}]", flush=True)
-                with common.timer(timings, f"{model_kind}"):
-                    rows.extend(run_cell(ds, model_kind, cfg, seed=seed, progress=progress))
-                common.write_json(os.path.join(args.out, "results.json"),
-                                  {"preset": args.preset, "config": dataclasses.asdict(cfg),
-                                   "rows": rows, "complete": False})
-    timings["total"] = time.perf_counter() - t_all
-    imp = improvement_tables(rows)
-    results = {"preset": args.preset, "config": dataclasses.asdict(cfg), "environment": common.environment(),
-               "timings": timings, "improvement": imp, "rows": rows, "complete": True}
-    common.write_json(os.path.join(args.out, "results.json"), results)
-    common.write_csv(os.path.join(args.out, "runs.csv"),
-                     [{k: v for k, v in r.items() if k != "sweep_curve"} for r in rows])
-    text = report(rows, imp, args.preset, cfg, timings)
-    common.write_text(os.path.join(args.out, "report.md"), text)
-    for ds_name in cfg.datasets:
-        scatter(rows, ds_name, os.path.join(args.out, f"scatter_{ds_name}.png"))
-    print(text)
-    return results
+    return run_study(cfg, out=args.out, preset=args.preset, data_dir=args.data_dir, seed=args.seed,
+                     progress=not args.no_progress, fresh=args.fresh)
 
 
 if __name__ == "__main__":

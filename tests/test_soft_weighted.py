@@ -1,5 +1,6 @@
 """The soft-weighted study driver: task checks, the improvement arithmetic, an end-to-end smoke run."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -62,3 +63,75 @@ def test_smoke_run_writes_report(tmp_path):
     assert soft["predicted_metric_change"] == pytest.approx(-abs(sweep["original_val_metric"]), rel=1e-3)
     assert abs(soft["predicted_utility_change"]) < 1e-4
     assert "Table 1" in (out / "report.md").read_text()
+
+
+def _tiny(preset, **kw):
+    """A preset cut down to seconds: one seed, one epoch, two algorithms, a tiny backbone."""
+    return dataclasses.replace(sw.PRESETS[preset], seeds=1, nn_epochs=1, unlearn_epochs=1,
+                               batch_size=16, algorithms=("GA_FT", "IF", "Fisher"),
+                               hard_fractions=(0.05, 0.1), **kw)
+
+
+def _check_study(res, cfg):
+    runs = [r for r in res["rows"] if r["scheme"] in ("hard", "soft")]
+    assert {(r["model"], r["task"]) for r in runs} == {(m, t) for m in cfg.models for t in cfg.tasks}
+    assert {r["algorithm"] for r in runs} == set(cfg.algorithms)
+    for r in runs:
+        assert 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["adv_loss"]) and r["seconds"] > 0
+        if r["task"] in ("dp", "eop"):
+            assert np.isfinite(r[r["task"]])
+    assert res["complete"] and len(res["improvement"]) == len(runs) // 2
+
+
+def test_bank_preset_on_a_synthetic_file(tmp_path):
+    from test_data import _write_bank
+
+    _write_bank(tmp_path / "bank-additional-full.csv", n=600)
+    cfg = _tiny("bank")
+    res = sw.run_study(cfg, out=str(tmp_path / "out"), preset="bank", data_dir=str(tmp_path),
+                       progress=False)
+    _check_study(res, cfg)
+
+
+@pytest.mark.parametrize("preset, extra", [
+    ("jigsaw", dict(max_train=40)),
+    ("celeba-resnet18", dict(image_size=8, backbone_width=4)),
+    ("cifar100-resnet50", dict(backbone_width=2)),
+])
+def test_accelerator_presets_run_on_mock_tfds(tmp_path, preset, extra):
+    """The TFDS presets end to end on tfds.testing.mock_data (random records of the real schema)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    cfg = _tiny(preset, **extra)
+    with tfds.testing.mock_data(num_examples=48):
+        res = sw.run_study(cfg, out=str(tmp_path / "out"), preset=preset, data_dir=str(tmp_path),
+                           progress=False)
+    _check_study(res, cfg)
+    assert (tmp_path / "out" / f"scatter_{cfg.datasets[0]}.png").exists()
+
+
+def test_interrupted_study_resumes_and_refuses_other_settings(tmp_path, monkeypatch):
+    cfg = dataclasses.replace(sw.PRESETS["smoke"], seeds=2)
+    out = str(tmp_path / "sw")
+    calls = []
+    real = sw.run_cell
+
+    def crash_on_second_seed(ds, model_kind, cfg_, *, seed, progress):
+        calls.append(seed)
+        if seed == 1 and len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(ds, model_kind, cfg_, seed=seed, progress=progress)
+
+    monkeypatch.setattr(sw, "run_cell", crash_on_second_seed)
+    with pytest.raises(KeyboardInterrupt):
+        sw.run_study(cfg, out=out, preset="smoke", progress=False)
+    partial = json.loads((tmp_path / "sw" / "results.json").read_text())
+    assert not partial["complete"] and {r["seed"] for r in partial["rows"]} == {0}
+    res = sw.run_study(cfg, out=out, preset="smoke", progress=False)
+    assert calls == [0, 1, 1]  # seed 0 was not run again
+    assert res["complete"] and {r["seed"] for r in res["rows"]} == {0, 1}
+    assert res["rows"][: len(partial["rows"])] == partial["rows"]
+    other = dataclasses.replace(cfg, unlearn_epochs=2)
+    with pytest.raises(ValueError, match=r"other settings \(config\).*--fresh"):
+        sw.run_study(other, out=out, preset="smoke", progress=False)
+    fresh = sw.run_study(other, out=out, preset="smoke", progress=False, fresh=True)
+    assert fresh["complete"]
