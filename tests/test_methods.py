@@ -715,6 +715,40 @@ def test_run_method_pads_compiles_once_and_equals_manual_loop():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_differently_weighted_runs_share_one_compile_and_skip_padding():
+    """Hard and soft weights give sets of other sizes; one compiled epoch serves both, and its
+    padding (skipped steps, weight-0 forget columns) leaves Adam's result that of the real steps."""
+    traces = []
+    ga = M.neggrad_plus(APPLY, alpha=0.9, optimizer=optax.adam(0.05))
+
+    def counted(v, s, b, k):
+        traces.append(1)
+        return ga.update(v, s, b, k)
+
+    method = ga._replace(update=counted)
+    split, key = {"x": X, "y": Y}, jax.random.key(2)
+    update = jax.jit(ga.update)
+    for eps, fbs in ((np.r_[-np.ones(4), np.zeros(16)], 3), (np.linspace(-0.5, 0.4, 20), 4)):
+        forget, retain = M.soft_split(split, eps)
+        out, _, _ = M.run_method(method, V1, forget, retain, epochs=2, batch_size=4,
+                                 forget_batch_size=fbs, key=key, progress=False)
+        v, s, step = V1, ga.init(V1), 0
+        weights = {"forget": forget["weight"], "retain": retain["weight"]}
+        for e in range(2):
+            ekey = jax.random.fold_in(key, e)
+            plan = M.epoch_plan(jax.random.fold_in(ekey, 0), ("forget", "retain"), weights, 4,
+                                forget_batch_size=fbs)
+            for i in range(plan["forget_pass"].shape[0]):
+                b = {"forget": _batch(plan["forget_index"][i], plan["forget_weight"][i]),
+                     "retain": _batch(plan["retain_index"][i], plan["retain_weight"][i]),
+                     "schedule": M.schedule(e, 2, plan["forget_pass"][i])}
+                v, s, _ = update(v, s, b, jax.random.fold_in(jax.random.fold_in(ekey, 1), step))
+                step += 1
+        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(v)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    assert len(traces) == 1   # 4 vs 5 retain steps, forget batches of 3 (padded to 4) and 4
+
+
 def test_bad_input_is_rejected():
     forget, retain = {"x": X[:5], "y": Y[:5]}, {"x": X[5:], "y": Y[5:]}
     kw = dict(epochs=1, batch_size=4, key=jax.random.key(0), progress=False)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxunlearn.data.splits import host_rng
+
 __all__ = ["batch_plan", "gather_batch", "num_batches", "iterate_batches", "split_size", "device_data"]
 
 DATA_KEYS = ("x", "y", "group", "index")
@@ -34,7 +36,8 @@ def batch_plan(n: int, batch_size: int, *, key: jax.Array | None = None,
     Args:
       n: dataset size.
       batch_size: B.
-      key: shuffle with this key (None: keep order).
+      key: shuffle with this key (None: keep order); the permutation is drawn on the host
+        (:func:`jaxunlearn.data.splits.host_rng`).
       weight: optional [n] per-sample weights (default 1). Samples with weight 0 are dropped.
 
     Returns:
@@ -51,7 +54,7 @@ def batch_plan(n: int, batch_size: int, *, key: jax.Array | None = None,
     if active.size == 0:
         raise ValueError("every sample has weight 0: nothing to batch")
     if key is not None:
-        active = active[np.asarray(jax.random.permutation(key, active.size))]
+        active = active[host_rng(key).permutation(active.size)]  # host draw: no compile per size
     nb = num_batches(active.size, batch_size)
     pad = nb * batch_size - active.size
     index = np.concatenate([active, np.full(pad, active[0], active.dtype)]).reshape(nb, batch_size)

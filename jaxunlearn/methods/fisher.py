@@ -249,6 +249,14 @@ def fisher_forgetting(fisher, *, alpha: float = 1e-6, max_variance: float = 1e3,
             step = [step_size * gl / (fl + damping) for gl, fl in zip(g, f)]
         return base.init_state(variables, None, subset, {"fisher": f, "masks": masks, "step": step})
 
+    update = _cached_update(alpha, max_variance) if subset is None else \
+        _make_update(alpha, max_variance, subset)
+    return base.Method(init, update, uses=(), one_shot=True, name="Fisher")
+
+
+def _make_update(alpha: float, max_variance: float, subset):
+    """The update of :func:`fisher_forgetting`: the Fisher and the step come from the state."""
+
     def update(variables, state, batches, key):
         del batches
         params, model_state = base.split_model_state(variables)
@@ -267,4 +275,11 @@ def fisher_forgetting(fisher, *, alpha: float = 1e-6, max_variance: float = 1e3,
         return {"params": params, **model_state}, state._replace(step=state.step + 1), \
             {"loss": jnp.zeros(()), "noise_rms": noise_std}
 
-    return base.Method(init, update, uses=(), one_shot=True, name="Fisher")
+    return update
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_update(alpha: float, max_variance: float):
+    # one function object per setting, so run_method's compiled update is reused by every run
+    # (Fisher is rebuilt for each weighting because its Fisher depends on the weights)
+    return _make_update(alpha, max_variance, None)

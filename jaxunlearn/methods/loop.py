@@ -5,9 +5,11 @@ forget loader (a fresh shuffle per pass, passes restarting every epoch), as the 
 ``zip(retain_loader, cycle(forget_loader))``; a method that reads only one set walks that set
 once. The whole epoch is one ``lax.scan`` over a precomputed batch plan, with the data on device
 and each batch gathered inside the step, so ``update`` is traced and compiled once (shapes are
-static: the last batch of a pass is padded with weight-0 samples; the compiled epoch is cached
-per method, so further runs of the same method on sets of the same sizes reuse it). One-shot methods
-(IF, Fisher, NTK) get a single ``update`` on the whole sets.
+static: the last batch of a pass is padded with weight-0 samples, the epoch with skipped steps up
+to what a pass over the whole split can take, and forget batches to a power of two; the compiled
+epoch is cached per method, so further runs of the same method on differently weighted sets reuse
+it). One-shot methods (IF, Fisher, NTK) get a single ``update`` on the whole sets (their nonzero
+rows, padded with weight-0 rows to a power of two).
 
 Per-sample weights come from each split's ``"weight"`` entry (default: -1 for the forget set,
 1 for the retain set, the hard method; see :mod:`jaxunlearn.methods.base`). Weight-0 samples are
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn.data.batching import batch_plan, device_data, gather_batch, split_size
+from jaxunlearn.data.batching import batch_plan, device_data, gather_batch, num_batches, split_size
 from jaxunlearn.progress import progress_bar
 from jaxunlearn.methods.base import Method, schedule
 
@@ -137,16 +139,53 @@ def epoch_plan(key: jax.Array, uses, weights: dict, batch_size: int, *,
     return plan
 
 
+def _bucket(k: int) -> int:
+    """The smallest power of two >= k: sizes that differ a little share one compiled shape."""
+    return 1 << max(0, int(k) - 1).bit_length()
+
+
+def _pad_plan(plan: dict, steps: int, widths: dict) -> dict:
+    """``plan`` padded to ``steps`` rows and ``widths[name]`` columns, padding with weight 0.
+
+    Padded rows are marked inactive (``plan["active"]``) and skipped by the compiled epoch, so an
+    optimizer never sees an empty step; padded columns are weight-0 samples, which the weighted
+    losses ignore. A grid of runs whose sets differ in size thus reuses one compiled epoch.
+    """
+    real = plan["forget_pass"].shape[0]
+    if steps < real:
+        raise ValueError(f"cannot pad a plan of {real} steps to {steps}")
+    out = {"active": np.r_[np.ones(real, bool), np.zeros(steps - real, bool)]}
+    for k, v in plan.items():
+        name = k.rsplit("_", 1)[0]
+        if k.endswith(("_index", "_weight")) and widths.get(name, v.shape[1]) > v.shape[1]:
+            extra = widths[name] - v.shape[1]
+            fill = np.repeat(v[:, :1], extra, 1) if k.endswith("_index") else np.zeros((real, extra), v.dtype)
+            v = np.concatenate([v, fill], 1)
+        rows = np.repeat(v[:1], steps - real, 0)
+        if k.endswith("_weight"):
+            rows = np.zeros_like(rows)
+        out[k] = np.concatenate([v, rows], 0)
+    return out
+
+
 def _make_epoch_fn(update, uses):
     def epoch_fn(variables, state, data, plan, epoch, num_epochs, key):
         def body(carry, row):
-            variables, state = carry
-            batches = {name: gather_batch(data[name], row[f"{name}_index"], row[f"{name}_weight"])
-                       for name in uses}
-            batches["schedule"] = schedule(epoch, num_epochs, row["forget_pass"])
-            variables, state, metrics = update(variables, state, batches,
-                                               jax.random.fold_in(key, row["step"]))
-            return (variables, state), metrics
+            traced = {}
+
+            def step(c):
+                batches = {name: gather_batch(data[name], row[f"{name}_index"], row[f"{name}_weight"])
+                           for name in uses}
+                batches["schedule"] = schedule(epoch, num_epochs, row["forget_pass"])
+                variables, state, metrics = update(*c, batches, jax.random.fold_in(key, row["step"]))
+                traced["metrics"] = metrics
+                return (variables, state), metrics
+
+            def skip(c):  # a padding row: nothing moves (metric shapes from step's trace)
+                metrics = traced["metrics"] if "metrics" in traced else jax.eval_shape(step, c)[1]
+                return c, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
+
+            return jax.lax.cond(row["active"], step, skip, carry)
 
         (variables, state), metrics = jax.lax.scan(body, (variables, state), plan)
         return variables, state, metrics
@@ -219,7 +258,8 @@ def run_method(method: Method, variables, forget: dict | None, retain: dict | No
         batches = {}
         for name in method.uses:
             w = weights[name]
-            idx, bw = batch_plan(w.size, max(1, int(np.count_nonzero(w))), weight=w)
+            size = min(w.size, _bucket(max(1, int(np.count_nonzero(w)))))  # weight-0 padding
+            idx, bw = batch_plan(w.size, size, weight=w)
             batches[name] = gather_batch(data[name], jnp.asarray(idx[0]), jnp.asarray(bw[0]))
         batches["schedule"] = schedule(0, 1, 0)
         variables, state, metrics = _jitted_update(method.update)(variables, state, batches, key)
@@ -228,6 +268,14 @@ def run_method(method: Method, variables, forget: dict | None, retain: dict | No
         return variables, state, [row]
 
     epoch_fn = _jitted_epoch(method.update, tuple(method.uses))
+    # static shapes across runs: as many steps as a pass over the whole split can take, forget
+    # batches widened to a power of two (both padded with weight 0, see _pad_plan)
+    bf = int(forget_batch_size or batch_size)
+    widths = {"forget": _bucket(bf)} if "forget" in method.uses and "retain" in method.uses else {}
+    if "retain" in method.uses:
+        max_steps = num_batches(weights["retain"].size, int(batch_size))
+    else:
+        max_steps = num_batches(weights["forget"].size, bf)
     history = []
     step = 0
     bar = progress_bar(range(epochs), desc=method.name, enabled=progress, total=epochs)
@@ -239,10 +287,12 @@ def run_method(method: Method, variables, forget: dict | None, retain: dict | No
         steps = plan["forget_pass"].shape[0]
         plan["step"] = np.arange(step, step + steps, dtype=np.int32)
         step += steps
+        plan = _pad_plan(plan, max(max_steps, steps), widths)
+        active = plan["active"]
         plan = {k: jnp.asarray(v) for k, v in plan.items()}
         variables, state, metrics = epoch_fn(variables, state, data, plan, jnp.int32(e),
                                              jnp.int32(epochs), jax.random.fold_in(ekey, 1))
-        row = {"epoch": e + 1, **{k: float(jnp.mean(v)) for k, v in metrics.items()}}
+        row = {"epoch": e + 1, **{k: float(np.mean(np.asarray(v)[active])) for k, v in metrics.items()}}
         if not np.isfinite(row["loss"]):
             raise FloatingPointError(f"{method.name} diverged: loss is {row['loss']} in epoch {e + 1}")
         row["seconds"] = time.perf_counter() - t0
