@@ -32,17 +32,18 @@ def test_task_checks_name_the_problem():
 
 
 def test_improvement_arithmetic():
+    cell = {"dataset": "d", "model": "lr", "task": "dp", "algorithm": "IF"}
     rows = [
-        {"dataset": "d", "model": "lr", "task": "dp", "algorithm": "IF", "scheme": "hard", "dp": 0.2, "accuracy": 0.80},
-        {"dataset": "d", "model": "lr", "task": "dp", "algorithm": "IF", "scheme": "hard", "dp": 0.1, "accuracy": 0.90},
-        {"dataset": "d", "model": "lr", "task": "dp", "algorithm": "IF", "scheme": "soft", "dp": 0.03, "accuracy": 0.85},
-        {"dataset": "d", "model": "lr", "task": "dp", "algorithm": "IF", "scheme": "soft", "dp": 0.03, "accuracy": 0.87},
+        {**cell, "seed": 0, "scheme": "hard", "dp": 0.2, "accuracy": 0.80},
+        {**cell, "seed": 1, "scheme": "hard", "dp": 0.1, "accuracy": 0.90},
+        {**cell, "seed": 1, "scheme": "soft", "dp": 0.12, "accuracy": 0.87},
+        {**cell, "seed": 0, "scheme": "soft", "dp": 0.03, "accuracy": 0.85},
     ]
     (imp,) = sw.improvement_tables(rows)
-    # seed means: hard |DP| 0.15, soft 0.03 -> 80 %; hard acc 0.85, soft 0.86 -> 1.176 %
-    assert imp["target_improvement_%"] == pytest.approx(80.0)
+    # seed means: hard |DP| 0.15, soft 0.075 -> 50 %; hard acc 0.85, soft 0.86 -> 1.176 %
+    assert imp["target_improvement_%"] == pytest.approx(50.0)
     assert imp["utility_improvement_%"] == pytest.approx(100 * 0.01 / 0.85)
-    assert imp["seeds"] == 2
+    assert imp["seeds"] == 2 and imp["soft_wins"] == "1/2"  # paired by seed: 0.03 < 0.2, 0.12 > 0.1
 
 
 def test_smoke_run_writes_report(tmp_path):
