@@ -204,6 +204,15 @@ def test_solve_direct_matches_numpy_float64(method):
     assert res.residual.shape == (3,) and res.residual.max() < 1e-12 and bool(res.converged)
     assert one.x.shape == (8,) and one.residual.shape == ()
     np.testing.assert_allclose(one.x, res.x[:, 0], rtol=1e-12)
+    if method == "cholesky":  # a factor from the caller is used as is (and checked like its own)
+        with jax.enable_x64(True):
+            L = np.linalg.cholesky(H + 0.01 * np.eye(8))
+            given = solvers.solve_direct(jnp.asarray(H), jnp.asarray(b), damping=0.01, factor=L)
+            with pytest.warns(solvers.SolverWarning, match="not positive definite"):
+                wrong = solvers.solve_direct(jnp.asarray(H), jnp.asarray(b), damping=0.01,
+                                             factor=np.full((8, 8), np.nan), raise_on_fail=False)
+        np.testing.assert_allclose(np.asarray(given.x), res.x, rtol=1e-10)
+        assert not bool(wrong.converged)
 
 
 @pytest.mark.parametrize("method", ["cholesky", "eigh"])

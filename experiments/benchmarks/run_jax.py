@@ -8,8 +8,8 @@ Workload A (last-layer closed form, :mod:`jaxunlearn.influence.last_layer`):
     Cholesky, ``cho_solve``, scores by :func:`last_layer.grads_dot` (no n x p matrix), exact
     self-influence (:func:`last_layer.self_influence`).
   * ``cg``: the same with :func:`solvers.solve_cg` on structured HVPs (:func:`last_layer.hvp`).
-  * ``direct_api`` / ``cg_api``: the one-call user path, :func:`scores.influence_scores` (+
-    :func:`scores.self_influence` for direct) on :func:`last_layer.make_problem`; its first call
+  * ``direct_api`` / ``cg_api``: the one-call user path, :func:`scores.influence_scores` (with
+    ``with_self_influence=True`` for direct) on :func:`last_layer.make_problem`; its first call
     (compilation) is excluded from the medians and reported as compile time.
   ``per_sample_grads`` (materialising G [n, p], :func:`last_layer.per_sample_grads`) is timed for
   comparison only: the pipeline never forms G.
@@ -171,17 +171,13 @@ def run_a(data, methods, repeats):
     def api(solver):
         kw = {} if solver == "direct" else {"solver_kwargs": {"tol": pc.CG_RTOL, "maxiter": pc.CG_MAXITER}}
 
-        def fn(tm):
+        def fn(tm):  # direct: scores and self-influence from one Hessian and one factorisation
             with tm.stage("scores") as box:
-                r = sc.influence_scores(problem, measures, solver=solver, **kw)
+                r = sc.influence_scores(problem, measures, solver=solver,
+                                        with_self_influence=solver == "direct", **kw)
                 S = jnp.stack([r.scores[k] for k in names])
                 box.append(S)
-            s = None
-            if solver == "direct":
-                with tm.stage("self_influence") as box:
-                    s = sc.self_influence(problem)
-                    box.append(s)
-            return S, s, r
+            return S, r.self_influence, r
         return fn
 
     extra = ("hvp", "per_sample_grads")

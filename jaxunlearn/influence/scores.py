@@ -347,12 +347,15 @@ def measurement_gradients(problem: Problem, measures: Mapping[str, Any]) -> tupl
     return {k: out[k] for k in measures}, {k: values[k] for k in measures}
 
 
-def _si_from_hessian(data, H, damping, normalizer, *, fns, special, num_train, chunk_size):
-    """``(L, self-influence [n])`` from the Hessian: the closed form if the problem has one."""
-    H = 0.5 * (H + H.T) + damping * jnp.eye(H.shape[0], dtype=H.dtype)
-    L = jnp.linalg.cholesky(H)
+def _damped_cholesky(H, damping):
+    """The lower Cholesky factor of ``(H + H^T) / 2 + damping I`` (NaN if not positive definite)."""
+    return jnp.linalg.cholesky(0.5 * (H + H.T) + damping * jnp.eye(H.shape[0], dtype=H.dtype))
+
+
+def _si_from_hessian(data, L, normalizer, *, fns, special, num_train, chunk_size):
+    """Self-influence [n] from the factor ``L`` of the damped Hessian (the closed form if any)."""
     if special is not None:
-        return L, special(data, L, chunk_size)
+        return special(data, L, chunk_size)
 
     def body(index):
         G = fns.grads_rows(data, index)
@@ -361,7 +364,7 @@ def _si_from_hessian(data, H, damping, normalizer, *, fns, special, num_train, c
 
     out = jax.lax.map(body, _row_chunks(num_train, chunk_size)).reshape(-1)[:num_train]
     w = _batch_weight(data["batch"], num_train, out.dtype)
-    return L, out * (w != 0) / normalizer
+    return out * (w != 0) / normalizer
 
 
 def _core(data, flat, batches, given, damping, key, normalizer, *, fns, measures, solver, kw, names,
@@ -375,20 +378,22 @@ def _core(data, flat, batches, given, damping, key, normalizer, *, fns, measures
     B = jnp.stack([by_name[k] for k in order], axis=1)
     kw = dict(kw)
     H = fns.hessian(data) if (solver == "direct" or si_chunk is not None) else None
+    L = None if si_chunk is None else _damped_cholesky(H, damping)  # factored once, shared
     if solver == "direct":
-        res = _solvers.solve_direct(H, B, damping=damping, **kw)
+        shared = L if kw.get("method", "cholesky") == "cholesky" else None
+        res = _solvers.solve_direct(H, B, damping=damping, factor=shared, **kw)
     else:
         if solver == "arnoldi":
             kw["key"] = key
         res = _solvers.make_solver(solver, damping=damping, **kw)(lambda v: fns.hvp(data, v), B)
     finite = jnp.asarray(True) if H is None else jnp.all(jnp.isfinite(H))
     S = fns.grads_dot(data, res.x)
-    si = L = None
+    si = chol_ok = None
     if si_chunk is not None:
-        L, si = _si_from_hessian(data, H, damping, normalizer, fns=fns, special=special,
-                                 num_train=num_train, chunk_size=si_chunk)
-        L = jnp.all(jnp.isfinite(L))
-    return gn, vals, B, res, S, finite, si, L
+        si = _si_from_hessian(data, L, normalizer, fns=fns, special=special, num_train=num_train,
+                              chunk_size=si_chunk)
+        chol_ok = jnp.all(jnp.isfinite(L))
+    return gn, vals, B, res, S, finite, si, chol_ok
 
 
 _core_jit = jax.jit(_core, static_argnames=("fns", "measures", "solver", "kw", "names", "order",
@@ -422,7 +427,8 @@ def influence_scores(problem: Problem, measures: Mapping[str, Any], *, solver: s
       stationarity_tol: threshold on ``||∇L(θ̂)||`` (None: skip the check).
       on_nonstationary: ``"warn"``, ``"raise"`` (:class:`NonStationaryError`) or ``"ignore"``.
       with_self_influence: also return the exact self-influence (:func:`self_influence`), from
-        the same dense Hessian as the direct solve (formed for it with iterative solvers).
+        the same dense Hessian and Cholesky factor as the direct solve (formed for it with
+        iterative solvers).
       chunk_size: rows per triangular solve of the generic self-influence.
 
     Returns:
@@ -499,8 +505,9 @@ def influence_scores(problem: Problem, measures: Mapping[str, Any], *, solver: s
 
 def _self_influence_core(data, damping, normalizer, *, fns, special, num_train, chunk_size):
     gn = jnp.linalg.norm(fns.gradient(data))
-    L, si = _si_from_hessian(data, fns.hessian(data), damping, normalizer, fns=fns, special=special,
-                             num_train=num_train, chunk_size=chunk_size)
+    L = _damped_cholesky(fns.hessian(data), damping)
+    si = _si_from_hessian(data, L, normalizer, fns=fns, special=special, num_train=num_train,
+                          chunk_size=chunk_size)
     return gn, jnp.all(jnp.isfinite(L)), si
 
 

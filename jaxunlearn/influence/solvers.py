@@ -199,7 +199,8 @@ def power_iteration(matvec: Matvec, p: int, *, num_iters: int = 20, key: jax.Arr
 # direct
 
 def solve_direct(H: jax.Array, b: jax.Array, *, damping: float = 0.0, method: str = "cholesky",
-                 rcond: float | None = None, raise_on_fail: bool = True) -> SolveResult:
+                 rcond: float | None = None, raise_on_fail: bool = True,
+                 factor: jax.Array | None = None) -> SolveResult:
     """Dense solve of ``(H + damping I) x = b`` for a symmetric H [p, p].
 
     ``H`` is read as ``(H + H.T) / 2`` (``jnp.linalg.cholesky`` and ``eigh`` symmetrise). The
@@ -222,6 +223,8 @@ def solve_direct(H: jax.Array, b: jax.Array, *, damping: float = 0.0, method: st
         (6e-6 in float32, 1.1e-14 in float64).
       raise_on_fail: raise :class:`SingularHessianError` (else warn) when A is rejected and the
         result is concrete; inside jit only ``converged`` reports it.
+      factor: optional lower Cholesky factor of ``(A + A^T) / 2`` that the caller already has
+        (e.g. for self-influence); ``"cholesky"`` then skips the factorisation.
 
     Returns:
       :class:`SolveResult` with ``iterations = 1``.
@@ -236,7 +239,7 @@ def solve_direct(H: jax.Array, b: jax.Array, *, damping: float = 0.0, method: st
     rcond = 50 * float(jnp.finfo(dtype).eps) if rcond is None else rcond
     A = H + damping * jnp.eye(p, dtype=dtype)  # cholesky / eigh read it as (A + A^T) / 2
     if method == "cholesky":
-        L = jnp.linalg.cholesky(A)
+        L = jnp.linalg.cholesky(A) if factor is None else jnp.asarray(factor, dtype)
         tri = jax.scipy.linalg.solve_triangular
 
         def inv(v):
