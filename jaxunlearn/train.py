@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from jaxunlearn import losses
-from jaxunlearn.data.batching import batch_plan, device_data, gather_batch, split_size
+from jaxunlearn.data.batching import batch_plan, device_data, gather_batch, resample_plan, split_size
 from jaxunlearn.progress import progress_bar
 
 __all__ = [
@@ -156,7 +156,7 @@ def check_labels(y, num_classes: int, name: str = "y") -> None:
 
 
 def fit(state: TrainState, train_step, split: dict, *, batch_size: int, epochs: int,
-        key: jax.Array, weight=None, checkpoints=None, progress: bool = True,
+        key: jax.Array, weight=None, sampling_weight=None, checkpoints=None, progress: bool = True,
         desc: str = "train") -> tuple[TrainState, list[dict]]:
     """Train for ``epochs`` passes over ``split``; resumable from ``checkpoints``.
 
@@ -171,6 +171,9 @@ def fit(state: TrainState, train_step, split: dict, *, batch_size: int, epochs: 
       epochs: number of passes.
       key: PRNG key for shuffling and per-step keys.
       weight: optional [n] per-sample loss weights; weight-0 samples are never scheduled.
+      sampling_weight: optional [n] sampling weights: instead of a shuffled pass, each epoch draws
+        with replacement as many samples as have a nonzero loss weight, with probabilities
+        proportional to these (:func:`jaxunlearn.data.resample_plan`; De Min et al.'s sampler).
       checkpoints: optional :class:`jaxunlearn.checkpoint.Checkpointer`; the state is saved after
         every epoch, and an existing checkpoint is resumed from.
       progress: show a progress bar (tqdm, if installed).
@@ -179,6 +182,8 @@ def fit(state: TrainState, train_step, split: dict, *, batch_size: int, epochs: 
       ``(state, history)`` with one ``{"epoch", "loss", "accuracy", "seconds"}`` dict per epoch run.
     """
     n = split_size(split)
+    if sampling_weight is not None and np.shape(sampling_weight) != (n,):
+        raise ValueError(f"sampling_weight has shape {np.shape(sampling_weight)}, expected ({n},)")
     data = device_data(split, "train")
     start = 0
     if checkpoints is not None:
@@ -193,12 +198,16 @@ def fit(state: TrainState, train_step, split: dict, *, batch_size: int, epochs: 
     for e in bar:
         t0 = time.perf_counter()
         ekey = jax.random.fold_in(key, e)
-        index, bw = batch_plan(n, batch_size, key=jax.random.fold_in(ekey, 0), weight=weight)
+        if sampling_weight is None:
+            index, bw = batch_plan(n, batch_size, key=jax.random.fold_in(ekey, 0), weight=weight)
+        else:
+            index, bw = resample_plan(jax.random.fold_in(ekey, 0), sampling_weight, batch_size,
+                                      loss_weight=weight)
         state, metrics = epoch_fn(state, data, jnp.asarray(index), jnp.asarray(bw),
                                   jax.random.fold_in(ekey, 1))
         loss = float(jnp.mean(metrics["loss"]))
         if not np.isfinite(loss):
-            raise FloatingPointError(f"training diverged: loss is {loss} in epoch {e}")
+            raise FloatingPointError(f"{desc}: training diverged, loss is {loss} in epoch {e + 1}")
         row = {"epoch": e + 1, "loss": loss, "accuracy": float(jnp.mean(metrics["accuracy"])),
                "seconds": time.perf_counter() - t0}
         history.append(row)

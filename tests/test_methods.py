@@ -668,6 +668,26 @@ def test_retrain_with_sampler_matches_manual_loop():
     assert len(hist) == 2
 
 
+def test_retrain_with_sampler_resumes_from_checkpoint(tmp_path):
+    from jaxunlearn import checkpoint
+
+    model = models.logistic_regression(D, K)
+    v = model.init(jax.random.key(0), X[:1])
+    sw = M.group_weights(Y, (X[:, 0] > 0).astype(np.int64), np.arange(N) >= 4)
+    kw = dict(batch_size=6, key=jax.random.key(3), sampling_weight=sw, progress=False)
+    tx = optax.adam(0.05)
+    full, _ = M.retrain(v, model.apply, tx, {"x": X, "y": Y}, epochs=4, **kw)
+    M.retrain(v, model.apply, tx, {"x": X, "y": Y}, epochs=2,
+              checkpoints=checkpoint.Checkpointer(tmp_path / "ck"), **kw)     # "interrupted"
+    resumed, hist = M.retrain(v, model.apply, tx, {"x": X, "y": Y}, epochs=4,
+                              checkpoints=checkpoint.Checkpointer(tmp_path / "ck"), **kw)
+    assert [h["epoch"] for h in hist] == [3, 4]
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="sampling_weight has shape"):
+        M.retrain(v, model.apply, tx, {"x": X, "y": Y}, epochs=1, **{**kw, "sampling_weight": sw[:5]})
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def test_epoch_plan_cycles_forget_and_pads():

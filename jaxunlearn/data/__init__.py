@@ -7,7 +7,8 @@ Waterbirds, FairFace), :mod:`tfds_loaders` (CIFAR-10/100, CelebA, Civil Comments
 :mod:`batching` (weighted, padded batches).
 """
 
-from jaxunlearn.data.batching import batch_plan, gather_batch, iterate_batches, num_batches, split_size
+from jaxunlearn.data.batching import (batch_plan, gather_batch, iterate_batches, num_batches,
+                                      resample_plan, split_size)
 from jaxunlearn.data.dataset import (
     ChecksumError,
     DataError,

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn.data.batching import batch_plan, device_data, gather_batch, num_batches, split_size
+from jaxunlearn.data.batching import (batch_plan, device_data, gather_batch, num_batches,
+                                      resample_plan, split_size)
 from jaxunlearn.progress import progress_bar
 from jaxunlearn.methods.base import Method, schedule
 
@@ -46,47 +47,6 @@ def split_weight(split: dict, name: str) -> np.ndarray:
     if not np.all(np.isfinite(w)):
         raise ValueError(f"{name} weight contains NaN or inf")
     return w
-
-
-def resample_plan(key: jax.Array, sampling_weight, batch_size: int, *, num_draws: int | None = None,
-                  loss_weight=None) -> tuple[np.ndarray, np.ndarray]:
-    """A weighted sampler with replacement as a padded batch plan [S, B].
-
-    Args:
-      key: PRNG key of the draws.
-      sampling_weight: [n] non-negative sampling weights (need not sum to 1).
-      batch_size: B.
-      num_draws: number of draws (default: the number of samples that can be drawn, i.e. |D_r|
-        draws per epoch as PyTorch's ``WeightedRandomSampler(w, len(dataset))``).
-      loss_weight: optional [n] loss weight of each sample (default 1); samples of loss weight 0
-        are never drawn, and a drawn sample carries its loss weight.
-
-    Returns:
-      ``(index, weight)`` [S, B]; padding slots repeat the first draw with weight 0.
-    """
-    p = np.asarray(sampling_weight, np.float64)
-    if p.ndim != 1 or p.size == 0:
-        raise ValueError(f"sampling_weight must be a non-empty [n] vector, got shape {p.shape}")
-    if not np.all(np.isfinite(p)) or np.any(p < 0):
-        raise ValueError("sampling_weight must be finite and >= 0")
-    n = p.size
-    lw = np.ones(n, np.float32) if loss_weight is None else np.asarray(loss_weight, np.float32)
-    if lw.shape != (n,):
-        raise ValueError(f"loss_weight has shape {lw.shape}, expected ({n},)")
-    p = p * (lw != 0)
-    if p.sum() <= 0:
-        raise ValueError("sampling_weight is zero on every sample that can be drawn")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    draws = int(np.count_nonzero(p)) if num_draws is None else int(num_draws)
-    if draws <= 0:
-        raise ValueError(f"num_draws must be positive, got {num_draws}")
-    idx = np.asarray(jax.random.choice(key, n, (draws,), replace=True, p=jnp.asarray(p / p.sum())))
-    nb = -(-draws // batch_size)
-    pad = nb * batch_size - draws
-    index = np.concatenate([idx, np.full(pad, idx[0])]).reshape(nb, batch_size).astype(np.int32)
-    weight = np.concatenate([lw[idx], np.zeros(pad, np.float32)]).reshape(nb, batch_size)
-    return index, weight
 
 
 def epoch_plan(key: jax.Array, uses, weights: dict, batch_size: int, *,

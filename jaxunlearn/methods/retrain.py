@@ -15,18 +15,12 @@ its size in the full training set).
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from jaxunlearn import losses, train
-from jaxunlearn.data.batching import split_size
-from jaxunlearn.data.batching import device_data
-from jaxunlearn.methods.loop import resample_plan
-from jaxunlearn.progress import progress_bar
 
 __all__ = ["group_weights", "retrain"]
 
@@ -75,7 +69,7 @@ def group_weights(y, s, retain, *, num_sensitive: int | None = None,
 
 def retrain(variables, apply_fn, optimizer: optax.GradientTransformation, split: dict, *,
             epochs: int, batch_size: int, key: jax.Array, weight=None, sampling_weight=None,
-            l2: float = 0.0, loss_fn=losses.cross_entropy, progress: bool = True):
+            l2: float = 0.0, loss_fn=losses.cross_entropy, checkpoints=None, progress: bool = True):
     """Train from scratch on a split with loss weights or a weighted sampler.
 
     Args:
@@ -90,6 +84,8 @@ def retrain(variables, apply_fn, optimizer: optax.GradientTransformation, split:
         samples as have non-zero loss weight, with probabilities proportional to these weights.
       l2: coefficient of ``(l2/2)||theta||^2`` in the objective (the original recipe's).
       loss_fn: per-example loss.
+      checkpoints: optional :class:`jaxunlearn.checkpoint.Checkpointer`: saved after every epoch,
+        resumed from if it holds a checkpoint (the resumed run equals an uninterrupted one).
       progress: progress bar.
 
     Returns:
@@ -100,27 +96,7 @@ def retrain(variables, apply_fn, optimizer: optax.GradientTransformation, split:
     state = train.TrainState(jnp.zeros((), jnp.int32), params["params"], model_state,
                              optimizer.init(params["params"]))
     step = train.make_train_step(apply_fn, optimizer, loss_fn=loss_fn, l2=l2)
-    if sampling_weight is None:
-        state, history = train.fit(state, step, split, batch_size=batch_size, epochs=epochs, key=key,
-                                   weight=weight, progress=progress, desc="retrain")
-        return state.variables, history
-    n = split_size(split)
-    lw = np.ones(n, np.float32) if weight is None else np.asarray(weight, np.float32)
-    if np.shape(sampling_weight) != (n,):
-        raise ValueError(f"sampling_weight has shape {np.shape(sampling_weight)}, expected ({n},)")
-    data = device_data(split, "train")
-    epoch_fn = jax.jit(train.make_epoch_fn(step))
-    history = []
-    for e in progress_bar(range(epochs), desc="retrain", enabled=progress, total=epochs):
-        t0 = time.perf_counter()
-        ekey = jax.random.fold_in(key, e)
-        index, bw = resample_plan(jax.random.fold_in(ekey, 0), sampling_weight, batch_size,
-                                  loss_weight=lw)
-        state, metrics = epoch_fn(state, data, jnp.asarray(index), jnp.asarray(bw),
-                                  jax.random.fold_in(ekey, 1))
-        loss = float(jnp.mean(metrics["loss"]))
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"retraining diverged: loss is {loss} in epoch {e + 1}")
-        history.append({"epoch": e + 1, "loss": loss, "accuracy": float(jnp.mean(metrics["accuracy"])),
-                        "seconds": time.perf_counter() - t0})
+    state, history = train.fit(state, step, split, batch_size=batch_size, epochs=epochs, key=key,
+                               weight=weight, sampling_weight=sampling_weight,
+                               checkpoints=checkpoints, progress=progress, desc="retrain")
     return state.variables, history
