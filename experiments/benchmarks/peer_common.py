@@ -1,4 +1,5 @@
-"""Helpers shared by every benchmark runner (jaxunlearn's and the peers'); numpy and stdlib only.
+"""Helpers shared by every benchmark runner (jaxunlearn's and the peers'); numpy and stdlib only
+(:func:`torch_mlp`, for the torch-based peers, imports torch when called).
 
 Each runner is a script run by ``influence_bench`` in its own interpreter (a peer virtualenv, or
 the project's venv for jaxunlearn):
@@ -104,3 +105,20 @@ def head_measurement_specs(data: dict):
         ("dp", data["Xv"], data["yv"], data["dp_coef"].astype(np.float32), "p1"),
         ("rob", data["Xadv"], data["yv"], mean, "ce"),
     ]
+
+
+def torch_mlp(data: dict):
+    """Workload B's MLP as a ``torch.nn.Sequential`` (Linear/ReLU) holding the stored weights, eval mode."""
+    import torch
+
+    nl = sum(1 for key in data if key.startswith("W"))
+    layers = []
+    for i in range(nl):
+        w = data[f"W{i + 1}"]
+        layers += [torch.nn.Linear(w.shape[0], w.shape[1])] + ([torch.nn.ReLU()] if i < nl - 1 else [])
+    model = torch.nn.Sequential(*layers)
+    with torch.no_grad():
+        for i in range(nl):
+            model[2 * i].weight.copy_(torch.from_numpy(np.ascontiguousarray(data[f"W{i + 1}"].T)))
+            model[2 * i].bias.copy_(torch.from_numpy(np.ascontiguousarray(data[f"b{i + 1}"])))
+    return model.eval()

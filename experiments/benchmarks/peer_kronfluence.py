@@ -121,7 +121,6 @@ def run_a(data, methods, repeats):
 def run_b(data, methods, repeats):
     if methods != ["ekfac"]:
         raise ValueError(f"kronfluence runs method 'ekfac' only, got {methods}")
-    nl = sum(1 for key in data if key.startswith("W"))
     X, y = t(data["X"]), t(data["y"]).long()
     Xq, yq = t(data["Xq"]), t(data["yq"]).long()
     n = X.shape[0]
@@ -129,16 +128,7 @@ def run_b(data, methods, repeats):
     train, query = TensorDataset(X, y), TensorDataset(Xq, yq)
 
     def run(timer):
-        layers = []
-        for i in range(nl):
-            w = data[f"W{i + 1}"]
-            layers += [torch.nn.Linear(w.shape[0], w.shape[1])] + ([torch.nn.ReLU()] if i < nl - 1 else [])
-        model = torch.nn.Sequential(*layers)
-        with torch.no_grad():
-            for i in range(nl):
-                model[2 * i].weight.copy_(t(data[f"W{i + 1}"].T.copy()))
-                model[2 * i].bias.copy_(t(data[f"b{i + 1}"]))
-        model.eval()
+        model = pc.torch_mlp(data)
         with tempfile.TemporaryDirectory() as out_dir:
             analyzer = make_analyzer(model, ClassificationTask(), out_dir)
             with timer.stage("factor"):

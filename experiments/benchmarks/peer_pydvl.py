@@ -146,17 +146,7 @@ def run_methods(table, methods, repeats):
 
 
 def run_b(data, methods, repeats, cg_rows):
-    nl = sum(1 for key in data if key.startswith("W"))
-    layers = []
-    for i in range(nl):
-        w = data[f"W{i + 1}"]
-        layers += [torch.nn.Linear(w.shape[0], w.shape[1])] + ([torch.nn.ReLU()] if i < nl - 1 else [])
-    model = torch.nn.Sequential(*layers)
-    with torch.no_grad():
-        for i in range(nl):
-            model[2 * i].weight.copy_(t(data[f"W{i + 1}"].T.copy()))
-            model[2 * i].bias.copy_(t(data[f"b{i + 1}"]))
-    model.eval()
+    model = pc.torch_mlp(data)
     X, y = t(data["X"]), t(data["y"]).long()
     Xq, yq = t(data["Xq"]), t(data["yq"]).long()
     n = X.shape[0]

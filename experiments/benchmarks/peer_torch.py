@@ -134,11 +134,7 @@ def _run_methods(table, methods, repeats):
 # ----------------------------------------------------------------------------------- workload B
 def run_b(data, methods, repeats, cg_rows):
     nl = sum(1 for key in data if key.startswith("W"))
-    layers = []
-    for i in range(nl):
-        w = data[f"W{i + 1}"]
-        layers += [torch.nn.Linear(w.shape[0], w.shape[1])] + ([torch.nn.ReLU()] if i < nl - 1 else [])
-    model = torch.nn.Sequential(*layers)
+    model = pc.torch_mlp(data)
     params = {}
     for i in range(nl):
         params[f"{2 * i}.weight"] = t(data[f"W{i + 1}"].T.copy())

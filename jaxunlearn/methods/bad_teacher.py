@@ -38,9 +38,8 @@ def bad_teacher(apply_fn, random_teacher, *, temperature: float = 1.0,
     if random_teacher is None:
         raise ValueError("bad_teacher needs random_teacher variables (model.init with another key)")
     base.check_positive("temperature", temperature)
-    optimizer = optax.adam(1e-4) if optimizer is None else base.check_optimizer(optimizer, "Bad-T")
-    subset = base.resolve_trainable(trainable)
-    tx = base.subset_optimizer(optimizer, subset)
+    subset, tx = base.optimizer_for("Bad-T", optimizer, trainable,
+                                    default=optax.adam(1e-4))
 
     def init(variables):
         good = variables if teacher is None else teacher

@@ -381,6 +381,23 @@ def init_state(variables, optimizer: optax.GradientTransformation | None, subset
     return MethodState(jnp.zeros((), jnp.int32), opt_state, dict(extra or {}))
 
 
+def optimizer_for(method: str, optimizer, trainable, *, default=None):
+    """``(subset, tx)``: the method's optimizer (``default`` when None) on its trainable subset.
+
+    Args:
+      method: the method's name, for error messages.
+      optimizer: the user's optax optimizer, or None for ``default``.
+      trainable: the bool mask (:func:`resolve_trainable`).
+      default: the method's default optimizer; None means the user must pass one.
+
+    Returns:
+      The resolved :class:`Subset` (or None) and :func:`subset_optimizer` of the optimizer.
+    """
+    optimizer = default if optimizer is None and default is not None else check_optimizer(optimizer, method)
+    subset = resolve_trainable(trainable)
+    return subset, subset_optimizer(optimizer, subset)
+
+
 def check_optimizer(optimizer, method: str) -> optax.GradientTransformation:
     if not isinstance(optimizer, optax.GradientTransformation):
         raise ValueError(f"{method}: optimizer must be an optax.GradientTransformation, "

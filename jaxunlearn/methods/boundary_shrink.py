@@ -49,10 +49,8 @@ def boundary_shrink(apply_fn, *, eps: float = 0.1, input_range=(0.0, 1.0),
             raise ValueError(f"input_range must satisfy low < high, got {input_range}")
         if eps > hi - lo:
             raise ValueError(f"eps={eps} is larger than the input range {input_range}")
-    optimizer = base.sgd(1e-5, momentum=0.9) if optimizer is None else \
-        base.check_optimizer(optimizer, "BS")
-    subset = base.resolve_trainable(trainable)
-    tx = base.subset_optimizer(optimizer, subset)
+    subset, tx = base.optimizer_for("BS", optimizer, trainable,
+                                    default=base.sgd(1e-5, momentum=0.9))
 
     def init(variables):
         return base.init_state(variables, tx, subset,

@@ -233,9 +233,8 @@ def with_fairness_gap_penalty(method: base.Method, apply_fn, *, strength: float,
         raise ValueError(f"min_count must be >= 2, got {min_count}")
     _class_mask(num_classes, classes)
     label = name or f"{method.name}+FGP"
-    optimizer = optax.sgd(0.01) if optimizer is None else base.check_optimizer(optimizer, label)
-    subset = base.resolve_trainable(trainable)
-    tx = base.subset_optimizer(optimizer, subset)
+    subset, tx = base.optimizer_for(label, optimizer, trainable,
+                                    default=optax.sgd(0.01))
     uses = tuple(s for s in base.SETS if s in method.uses or s == "retain")
     opts = dict(num_classes=num_classes, classes=classes, per_channel=per_channel, target=target,
                 layers=layers, min_count=min_count)

@@ -43,10 +43,8 @@ def finetune(apply_fn, *, optimizer: optax.GradientTransformation | None = None,
     Returns:
       A :class:`~jaxunlearn.methods.base.Method` reading the retain set.
     """
-    optimizer = base.sgd(0.01, momentum=0.9, weight_decay=5e-4) if optimizer is None else \
-        base.check_optimizer(optimizer, name)
-    subset = base.resolve_trainable(trainable)
-    tx = base.subset_optimizer(optimizer, subset)
+    subset, tx = base.optimizer_for(name, optimizer, trainable,
+                                    default=base.sgd(0.01, momentum=0.9, weight_decay=5e-4))
 
     def init(variables):
         return base.init_state(variables, tx, subset)

@@ -38,9 +38,7 @@ def gradient_ascent(apply_fn, *, optimizer: optax.GradientTransformation,
     Returns:
       A :class:`~jaxunlearn.methods.base.Method` reading the forget set.
     """
-    optimizer = base.check_optimizer(optimizer, "GA")
-    subset = base.resolve_trainable(trainable)
-    tx = base.subset_optimizer(optimizer, subset)
+    subset, tx = base.optimizer_for("GA", optimizer, trainable)
 
     def init(variables):
         return base.init_state(variables, tx, subset)

@@ -31,10 +31,8 @@ def l1_sparse(apply_fn, *, alpha: float = 5e-4, optimizer: optax.GradientTransfo
       trainable: optional bool mask over ``variables["params"]``.
     """
     alpha = base.check_positive("alpha", alpha, allow_zero=True)
-    optimizer = base.sgd(0.01, momentum=0.9, weight_decay=1e-4) if optimizer is None else \
-        base.check_optimizer(optimizer, "L1-sparse")
-    subset = base.resolve_trainable(trainable)
-    tx = base.subset_optimizer(optimizer, subset)
+    subset, tx = base.optimizer_for("L1-sparse", optimizer, trainable,
+                                    default=base.sgd(0.01, momentum=0.9, weight_decay=1e-4))
 
     def init(variables):
         return base.init_state(variables, tx, subset)

@@ -38,9 +38,8 @@ def neggrad_plus(apply_fn, *, alpha: float = 0.95, weight_decay: float = 0.1,
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     base.check_positive("weight_decay", weight_decay, allow_zero=True)
-    optimizer = base.sgd(0.01) if optimizer is None else base.check_optimizer(optimizer, "GA_FT")
-    subset = base.resolve_trainable(trainable)
-    tx = base.subset_optimizer(optimizer, subset)
+    subset, tx = base.optimizer_for("GA_FT", optimizer, trainable,
+                                    default=base.sgd(0.01))
 
     def init(variables):
         params, _ = base.split_model_state(variables)

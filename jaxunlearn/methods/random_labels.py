@@ -46,10 +46,8 @@ def random_labels(apply_fn, *, optimizer: optax.GradientTransformation | None = 
       trainable: optional bool mask over ``variables["params"]`` (SalUn passes its saliency mask).
       name: label for reports.
     """
-    optimizer = base.sgd(0.01, momentum=0.9, weight_decay=1e-3) if optimizer is None else \
-        base.check_optimizer(optimizer, name)
-    subset = base.resolve_trainable(trainable)
-    tx = base.subset_optimizer(optimizer, subset)
+    subset, tx = base.optimizer_for(name, optimizer, trainable,
+                                    default=base.sgd(0.01, momentum=0.9, weight_decay=1e-3))
 
     def init(variables):
         return base.init_state(variables, tx, subset)

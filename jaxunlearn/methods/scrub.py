@@ -46,9 +46,8 @@ def scrub(apply_fn, *, alpha: float = 0.5, gamma: float = 1.0, temperature: floa
     base.check_positive("gamma", gamma, allow_zero=True)
     if int(max_epochs) < 0:
         raise ValueError(f"max_epochs must be >= 0, got {max_epochs}")
-    optimizer = optax.adam(5e-4) if optimizer is None else base.check_optimizer(optimizer, "SCRUB")
-    subset = base.resolve_trainable(trainable)
-    tx = base.subset_optimizer(optimizer, subset)
+    subset, tx = base.optimizer_for("SCRUB", optimizer, trainable,
+                                    default=optax.adam(5e-4))
 
     def init(variables):
         t = variables if teacher is None else teacher
