@@ -94,6 +94,17 @@ def test_bank_preset_on_a_synthetic_file(tmp_path):
     _check_study(res, cfg)
 
 
+def test_german_preset_on_the_shared_file(tmp_path):
+    from test_data import GERMAN_DIR
+
+    if not (GERMAN_DIR / "german.data").is_file():
+        pytest.skip(f"German credit data not found in {GERMAN_DIR}")
+    cfg = _tiny("german", models=("lr",))
+    res = sw.run_study(cfg, out=str(tmp_path / "out"), preset="german", data_dir=str(GERMAN_DIR),
+                       progress=False)
+    _check_study(res, cfg)
+
+
 @pytest.mark.parametrize("preset, extra", [
     ("jigsaw", dict(max_train=40)),
     ("celeba-resnet18", dict(image_size=8, backbone_width=4)),
