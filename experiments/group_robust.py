@@ -67,22 +67,24 @@ LABELS = {"original": "Original", "retrain": "Retrain", "rw_retrain": "RW retrai
           "sw_rw_retrain": "RW+SW retrain", "sw_miu": "MIU+SW"}
 REFERENCES = ("rw_retrain", "retrain")  # Avg. Gap / ToW references, headline first
 
+# MIU, soft-weight and EO settings shared by the two tabular-feature configurations
+_TABULAR_SHARED = dict(
+    miu=dict(lambda_mi=10.0, forget_epochs=5, tune_steps_first=100, tune_steps_epoch=10,
+             mine_optimizer=("adam", 1e-3)),
+    soft=dict(l2=1e-3), eo_binarize=False)
+
 _ADULT = dict(
     name="adult", loader="adult", target=1, sensitive=0,
     model=dict(kind="mlp", hidden=(64, 32)),
     train=dict(optimizer="adam", lr=1e-3, epochs=6, batch_size=256, l2=1e-5),
     unlearn=dict(epochs=10, batch_size=256),
-    miu=dict(lambda_mi=10.0, forget_epochs=5, tune_steps_first=100, tune_steps_epoch=10,
-             mine_optimizer=("adam", 1e-3)),
-    soft=dict(l2=1e-3), eo_binarize=False)
+    **_TABULAR_SHARED)
 _DIGITS = dict(
     name="digits_spurious", loader="digits_spurious", target=9, sensitive=0,
     model=dict(kind="mlp", hidden=(64, 32)),
     train=dict(optimizer="adam", lr=3e-3, epochs=30, batch_size=64, l2=1e-5),
     unlearn=dict(epochs=10, batch_size=64),
-    miu=dict(lambda_mi=10.0, forget_epochs=5, tune_steps_first=100, tune_steps_epoch=10,
-             mine_optimizer=("adam", 1e-3)),
-    soft=dict(l2=1e-3), eo_binarize=False)
+    **_TABULAR_SHARED)
 
 
 def _image(name, loader, target, sensitive, *, size, train_batch, train_epochs, eo_binarize=False):
