@@ -53,15 +53,40 @@ class Checkpointer:
                                                 enable_async_checkpointing=False),
         )
 
-    def save(self, step: int, tree: Any) -> None:
-        """Save ``tree`` as checkpoint ``step`` and wait until it is on disk."""
+    def save(self, step: int, tree: Any, *, metadata: dict | None = None) -> None:
+        """Save ``tree`` as checkpoint ``step`` and wait until it is on disk.
+
+        ``metadata`` (JSON-able, e.g. the training history so far) is written next to it and read
+        back by :meth:`metadata`.
+        """
         self._manager.save(int(step), args=ocp.args.StandardSave(tree), force=True)
         self._manager.wait_until_finished()
+        if metadata is not None:
+            path = self._metadata_path(step)
+            with open(path + ".tmp", "w") as f:
+                json.dump(metadata, f)
+            os.replace(path + ".tmp", path)
+        kept = {int(s) for s in self._manager.all_steps()}
+        for name in os.listdir(self.directory):
+            if name.startswith("metadata-") and name.endswith(".json") \
+                    and int(name[len("metadata-"):-len(".json")]) not in kept:
+                os.remove(os.path.join(self.directory, name))
         sig_path = os.path.join(self.directory, self.SIGNATURE)
         tmp = sig_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(tree_signature(tree), f, indent=1, sort_keys=True)
         os.replace(tmp, sig_path)
+
+    def _metadata_path(self, step: int) -> str:
+        return os.path.join(self.directory, f"metadata-{int(step)}.json")
+
+    def metadata(self, step: int) -> dict:
+        """The metadata saved with checkpoint ``step`` ({} if none)."""
+        path = self._metadata_path(step)
+        if not os.path.exists(path):
+            return {}
+        with open(path) as f:
+            return json.load(f)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

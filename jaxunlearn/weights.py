@@ -312,3 +312,113 @@ def training_weights(eps, *, num_samples: int | None = None) -> jax.Array:
     if _is_concrete(eps) and not np.all(np.isfinite(np.asarray(eps))):
         raise ValueError("eps contains NaN or inf")
     return 1.0 + eps
+
+
+# ----------------------------------------------------------------------------- sets from weights
+
+def removal_eps(num_samples: int, rows) -> np.ndarray:
+    """Hard eps [n] float32: -1 on ``rows`` (the forget set D_f), 0 elsewhere."""
+    n = int(num_samples)
+    rows = np.asarray(rows)
+    if rows.dtype == np.bool_:
+        if rows.shape != (n,):
+            raise ValueError(f"a forget mask must have shape ({n},), got {rows.shape}")
+        rows = np.flatnonzero(rows)
+    rows = rows.astype(np.int64).ravel()
+    if rows.size and (rows.min() < 0 or rows.max() >= n):
+        raise ValueError(f"forget rows must lie in [0, {n}), got [{rows.min()}, {rows.max()}]")
+    eps = np.zeros(n, np.float32)
+    eps[rows] = -1.0
+    return eps
+
+
+def unlearning_sets(split: dict, eps, *, negative_only: bool = False) -> dict:
+    """``{"forget", "retain"}`` sets of the training ``split`` for per-sample weights ``eps`` [n].
+
+    The one constructor of weighted sets (DESIGN.md "one weight path"). Both sets are the whole
+    training split (its arrays shared, not copied); their ``weight`` columns are
+
+    * forget: ``eps`` -- the signed seed-004 perturbation; -1 is the published method on that
+      sample (removal / ascent), 0 leaves it out, a soft eps scales its forgetting objective by
+      ``-eps`` (:mod:`jaxunlearn.methods.base`);
+    * retain: ``1 + eps`` -- the reweighted risk of seed 004 eq. (1); 0 for removed samples.
+
+    So a hard ``eps`` in {-1, 0} (:func:`removal_eps`, :func:`hard_weights`) gives exactly D_f
+    (weight -1) and D_r (weight 1), and the solver's eps (:func:`soft_weights`) the SW- version of
+    any method, with the same code; weight-0 samples are never scheduled. Retraining is
+    ``run(methods.retrain(...), fresh, {"retain": sets["retain"]}, ...)``.
+
+    Args:
+      split: the training split ``{"x", "y", ...}``.
+      eps: [n] weights.
+      negative_only: keep only ``eps < 0`` in the forget set. A forget row with ``eps > 0``
+        *reverses* its forgetting objective (for GA: descent, eq. (9)); for methods whose
+        forgetting objective is not an ascent (RL, SalUn, BS, Bad-T, SCRUB) one may prefer to
+        apply it only to the samples the solver down-weights.
+
+    Raises:
+      ValueError: eps of the wrong shape, NaN/inf, an empty forget set, or a retain set with no
+        sample left (every sample removed).
+    """
+    eps = np.asarray(eps, np.float32)
+    n = int(np.shape(split["y"])[0])
+    if eps.shape != (n,):
+        raise ValueError(f"eps has shape {eps.shape}, but the split has {n} samples")
+    if not np.all(np.isfinite(eps)):
+        raise ValueError("eps contains NaN or inf")
+    forget = np.where(eps < 0, eps, 0.0).astype(np.float32) if negative_only else eps
+    if not np.any(forget):
+        raise ValueError("eps is 0 on every sample: the forget set is empty")
+    retain = (1.0 + eps).astype(np.float32)
+    if not np.any(retain):
+        raise ValueError("eps = -1 on every sample: the forget set covers the whole training set, "
+                         "so nothing is left to retain")
+    base = {k: v for k, v in split.items() if k != "weight"}
+    return {"forget": {**base, "weight": forget}, "retain": {**base, "weight": retain}}
+
+
+def group_weights(y, s, retain, *, num_sensitive: int | None = None,
+                  normalize: bool = False) -> np.ndarray:
+    """De Min et al.'s group reweighting ``w_i = N_train(g_i) / N_retain(g_i)``, ``g = s + y |S|``.
+
+    Sampling D_r with probabilities proportional to w (the reference: a weighted sampler with
+    |D_r| draws per epoch, ``run(..., sampling=w)``) or weighting its losses by w restores the
+    original group distribution: each group's total weight on D_r equals its size in the full
+    training set.
+
+    Args:
+      y: [n] integer target labels of the whole training set.
+      s: [n] integer sensitive attribute values (>= 0).
+      retain: [n] bool, True for retained samples (False = forgotten).
+      num_sensitive: |S| (default ``max(s) + 1``, so groups never collide).
+      normalize: rescale so that the weights average 1 over D_r (as loss weights, this keeps the
+        learning rate's effective scale; the sampling distribution is unchanged).
+
+    Returns:
+      [n] float32 weights, 0 on forgotten samples.
+    """
+    y = np.asarray(y)
+    s = np.asarray(s)
+    retain = np.asarray(retain)
+    n = y.shape[0]
+    if y.shape != (n,) or s.shape != (n,) or retain.shape != (n,):
+        raise ValueError(f"y, s and retain must all have shape ({n},): got {y.shape}, {s.shape}, {retain.shape}")
+    if retain.dtype != np.bool_:
+        raise ValueError(f"retain must be a bool mask, got dtype {retain.dtype}")
+    for name, a in (("y", y), ("s", s)):
+        if not np.issubdtype(a.dtype, np.integer) or (a.size and a.min() < 0):
+            raise ValueError(f"{name} must hold non-negative integers")
+    if not retain.any():
+        raise ValueError("the retain set is empty")
+    size_s = int(s.max()) + 1 if num_sensitive is None else int(num_sensitive)
+    if size_s <= int(s.max()):
+        raise ValueError(f"num_sensitive={num_sensitive} but s takes the value {int(s.max())}")
+    g = s.astype(np.int64) + y.astype(np.int64) * size_s
+    n_groups = int(g.max()) + 1
+    n_train = np.bincount(g, minlength=n_groups).astype(np.float64)
+    n_retain = np.bincount(g[retain], minlength=n_groups).astype(np.float64)
+    w = np.zeros(n, np.float64)
+    w[retain] = n_train[g[retain]] / n_retain[g[retain]]
+    if normalize:
+        w[retain] /= w[retain].mean()
+    return w.astype(np.float32)

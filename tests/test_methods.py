@@ -16,7 +16,7 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from jaxunlearn import models, train
+from jaxunlearn import loop, models
 from jaxunlearn import methods as M
 from jaxunlearn.methods import base
 
@@ -59,8 +59,9 @@ def _batch(idx, w, x=X, y=Y):
 FB, RB = _batch(FI, WF), _batch(RI, WR)
 
 
-def _batches(epoch=0, num_epochs=1, forget_pass=0, fb=FB, rb=RB):
-    return {"forget": fb, "retain": rb, "schedule": M.schedule(epoch, num_epochs, forget_pass)}
+def _batches(forget_pass=0, fb=FB, rb=RB):
+    """A (forget, retain) batch pair; forget marked with its pass over D_f, as the loop does."""
+    return {"forget": {**fb, "pass": jnp.full(fb["weight"].shape, forget_pass, jnp.int32)}, "retain": rb}
 
 
 # ----------------------------------------------------------------------------- numpy oracles
@@ -137,7 +138,7 @@ METHODS = {
     "GA": M.gradient_ascent(APPLY, optimizer=SGD),
     "GA_FT": M.neggrad_plus(APPLY, alpha=0.8, weight_decay=0.3, optimizer=SGD),
     "RL": M.random_labels(APPLY, optimizer=SGD),
-    "L1": M.l1_sparse(APPLY, alpha=0.05, optimizer=SGD),
+    "L1": M.l1_sparse(APPLY, epochs=4, alpha=0.05, optimizer=SGD),
     "BS": M.boundary_shrink(APPLY, eps=0.5, input_range=(-3.0, 3.0), optimizer=SGD),
     "SCRUB": M.scrub(APPLY, alpha=0.5, gamma=0.9, temperature=2.0, max_epochs=2, optimizer=SGD),
     "BadT": M.bad_teacher(APPLY, VR, temperature=1.5, optimizer=SGD),
@@ -150,9 +151,9 @@ METHODS = {
 JIT = {name: jax.jit(m.update) for name, m in METHODS.items()}
 
 
-def _step(name, batches=None, key=jax.random.key(7)):
-    """One update of METHODS[name] from V1, its state initialised at theta_0 = V0."""
-    state = METHODS[name].init(V0)
+def _step(name, batches=None, key=jax.random.key(7), epoch=0):
+    """One update of METHODS[name] from V1, its state initialised at theta_0 = V0, in ``epoch``."""
+    state = METHODS[name].init(V0)._replace(epoch=jnp.int32(epoch))
     return JIT[name](V1, state, _batches() if batches is None else batches, key)
 
 
@@ -205,7 +206,7 @@ def test_random_labels_one_update_matches_hand():
 
 
 def test_l1_sparse_one_update_matches_hand():
-    out, _, m = _step("L1", _batches(epoch=1, num_epochs=4))
+    out, _, m = _step("L1", epoch=1)
     coef = 0.05 * (1 - 1 / 4)
     W, b = wb(V1)
     x, y, w = rows(RB)
@@ -246,7 +247,7 @@ def test_boundary_shrink_target_is_never_the_true_label():
 def test_scrub_one_update_matches_hand(max_active):
     temp, alpha, gamma = 2.0, 0.5, 0.9
     # max-steps only in epochs < m = 2 and on the first forget pass
-    out, _, m = _step("SCRUB", _batches(epoch=1 if max_active else 2, num_epochs=5))
+    out, _, m = _step("SCRUB", epoch=1 if max_active else 2)
     W0, b0 = wb(V0)
     W, b = wb(V1)
     if max_active:
@@ -256,7 +257,7 @@ def test_scrub_one_update_matches_hand(max_active):
     dz = gamma * ce_dz(W, b, xr, yr, wr) + alpha * kd_dz(xr @ W + b, xr @ W0 + b0, wr, temp)
     check(out, *sgd(W, b, grad(xr, dz)))
     assert float(m["max_step"]) == float(max_active)
-    out, _, m = _step("SCRUB", _batches(epoch=0, num_epochs=5, forget_pass=1))
+    out, _, m = _step("SCRUB", _batches(forget_pass=1), epoch=0)
     assert float(m["max_step"]) == 0.0
 
 
@@ -487,8 +488,8 @@ def test_influence_update_approximates_exact_retraining():
              "soft (N(0, 0.2) weights)": rng.normal(size=n) * 0.2}
     for name, eps in cases.items():
         eps = eps.astype(np.float32)
-        out, _, _ = M.run_method(method, variables, {"x": x, "y": y, "weight": eps}, None, epochs=1,
-                                 batch_size=n, key=jax.random.key(0), progress=False)
+        out, _, _ = loop.run(method, variables, {"forget": {"x": x, "y": y, "weight": eps}},
+                             key=jax.random.key(0), progress=False)
         th_if = np.concatenate([np.asarray(out["params"]["head"]["kernel"]).ravel(),
                                 np.asarray(out["params"]["head"]["bias"])])
         th_rt, _ = _newton_fit(x, y, 1.0 + eps, l2, n, theta=th_hat)   # exact retraining
@@ -518,28 +519,6 @@ def test_weight_zero_samples_change_nothing(name):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
 
 
-def test_soft_split_hard_weights_equal_plain_sets():
-    # The SW code path with hard eps gives exactly the run on D_f / D_r with default weights.
-    eps = np.zeros(N, np.float32)
-    eps[[1, 4, 7, 11]] = -1.0
-    f_soft, r_soft = M.soft_split({"x": X, "y": Y}, eps)
-    np.testing.assert_array_equal(f_soft["weight"], eps)
-    np.testing.assert_array_equal(r_soft["weight"], 1 + eps)
-    keep = eps == 0
-    kw = dict(epochs=2, batch_size=4, key=jax.random.key(1), progress=False)
-    method = METHODS["GA_FT"]
-    va, _, _ = M.run_method(method, V1, f_soft, r_soft, **kw)
-    vb, _, _ = M.run_method(method, V1, {"x": X[~keep], "y": Y[~keep]}, {"x": X[keep], "y": Y[keep]}, **kw)
-    for a, b in zip(jax.tree.leaves(va), jax.tree.leaves(vb)):
-        np.testing.assert_allclose(a, b, atol=1e-6)
-    with pytest.raises(ValueError, match="eps has shape"):
-        M.soft_split({"x": X, "y": Y}, eps[:-1])
-    soft = np.linspace(-0.5, 0.5, N)
-    f_neg, r_neg = M.soft_split({"x": X, "y": Y}, soft, negative_only=True)
-    np.testing.assert_allclose(f_neg["weight"], np.minimum(soft, 0), atol=1e-7)
-    np.testing.assert_allclose(r_neg["weight"], 1 + soft, atol=1e-7)
-
-
 # ----------------------------------------------------------------------------- SalUn and masks
 
 def test_saliency_mask_matches_hand_ranking():
@@ -567,14 +546,14 @@ def _bits(a):
 
 
 def test_salun_masked_weights_bit_identical_with_weight_decay():
-    forget, retain = {"x": X[:6], "y": Y[:6]}, {"x": X[6:], "y": Y[6:]}
+    forget, retain = {"x": X[:6], "y": Y[:6], "weight": -np.ones(6, np.float32)}, {"x": X[6:], "y": Y[6:]}
     v = jax.tree.map(lambda a: a, V0)
     v["params"]["head"]["bias"] = v["params"]["head"]["bias"].at[0].set(-0.0)  # a -0.0 weight
     mask = M.saliency_mask(APPLY, v, forget, threshold=0.4)
     mask["head"]["bias"][0] = False
     tx = base.sgd(0.1, momentum=0.9, weight_decay=0.05)
-    out, _, _ = M.run_method(M.salun(APPLY, mask, optimizer=tx), v, forget, retain, epochs=3,
-                             batch_size=4, key=jax.random.key(2), progress=False)
+    out, _, _ = loop.run(M.salun(APPLY, mask, optimizer=tx), v, {"forget": forget, "retain": retain},
+                         epochs=3, batch_size=4, key=jax.random.key(2), progress=False)
     for name in ("kernel", "bias"):
         m = np.asarray(mask["head"][name])
         before, after = v["params"]["head"][name], out["params"]["head"][name]
@@ -600,8 +579,8 @@ def test_layer_restricted_run_keeps_frozen_leaves_bit_identical():
     mask = {**mask, "bn_1": {"scale": True, "bias": True}}         # and the last BatchNorm
     tx = base.sgd(0.05, momentum=0.9, weight_decay=0.01)
     method = M.cf_k(model.apply, mask, optimizer=tx)
-    out, _, _ = M.run_method(method, v, {"x": X[:5], "y": Y[:5]}, {"x": X[5:], "y": Y[5:]},
-                             epochs=2, batch_size=4, key=jax.random.key(1), progress=False)
+    out, _, _ = loop.run(method, v, {"retain": {"x": X[5:], "y": Y[5:]}},
+                         epochs=2, batch_size=4, key=jax.random.key(1), progress=False)
     for layer in ("dense_0", "bn_0", "dense_1"):
         for a, b in zip(jax.tree.leaves(v["params"][layer]), jax.tree.leaves(out["params"][layer])):
             np.testing.assert_array_equal(_bits(a), _bits(b))
@@ -612,176 +591,22 @@ def test_layer_restricted_run_keeps_frozen_leaves_bit_identical():
     assert not np.allclose(v["params"]["bn_1"]["scale"], out["params"]["bn_1"]["scale"])
 
 
-# ----------------------------------------------------------------------------- reweighting
-
-def test_group_weights_hand_example():
-    #            0  1  2  3  4  5  6  7  8  9
-    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
-    s = np.array([0, 0, 1, 1, 0, 1, 1, 1, 1, 0])
-    retain = np.array([1, 0, 1, 1, 1, 1, 0, 0, 1, 1], bool)
-    # groups g = s + 2y: [0,0,1,1,2,3,3,3,3,0]; N_train = [3,2,1,4]; N_retain = [2,2,1,2]
-    expected = np.array([1.5, 0, 1, 1, 1, 2, 0, 0, 2, 1.5], np.float32)
-    np.testing.assert_allclose(M.group_weights(y, s, retain), expected)
-    norm = M.group_weights(y, s, retain, normalize=True)
-    np.testing.assert_allclose(norm[retain].mean(), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(norm, expected / expected[retain].mean(), rtol=1e-6)
-    # each group's total weight on D_r equals its size in the training set
-    g = s + 2 * y
-    for grp, size in enumerate([3, 2, 1, 4]):
-        assert M.group_weights(y, s, retain)[g == grp].sum() == size
-    with pytest.raises(ValueError, match="num_sensitive"):
-        M.group_weights(y, s, retain, num_sensitive=1)
-
-
-def test_resample_plan_draws_with_replacement_in_proportion():
-    w = np.array([0.0, 1.0, 2.0, 0.0, 5.0], np.float32)
-    index, weight = M.resample_plan(jax.random.key(0), w, 7, num_draws=40_000)
-    drawn = index[weight != 0]
-    assert drawn.size == 40_000 and index.shape == (-(-40_000 // 7), 7)
-    freq = np.bincount(drawn, minlength=5) / drawn.size
-    np.testing.assert_allclose(freq, w / w.sum(), atol=0.01)
-    # default: |D_r| draws (samples that can be drawn); loss-weight-0 samples never drawn
-    index, weight = M.resample_plan(jax.random.key(1), np.ones(5), 2, loss_weight=np.array([1, 0, 1, 1, 0.5]))
-    assert np.count_nonzero(weight) == 4 and 1 not in index[weight != 0]
-    assert set(np.unique(weight[weight != 0])) <= {1.0, 0.5}
-
-
-def test_retrain_with_sampler_matches_manual_loop():
-    model = models.logistic_regression(D, K)
-    v = model.init(jax.random.key(0), X[:1])
-    sw = M.group_weights(Y, (X[:, 0] > 0).astype(np.int64), np.arange(N) >= 4)
-    tx = optax.sgd(0.1)
-    key = jax.random.key(3)
-    out, hist = M.retrain(v, model.apply, tx, {"x": X, "y": Y}, epochs=2, batch_size=6, key=key,
-                          sampling_weight=sw, progress=False)
-    state = train.TrainState(jnp.zeros((), jnp.int32), v["params"], {}, tx.init(v["params"]))
-    step = jax.jit(train.make_train_step(model.apply, tx))
-    for e in range(2):
-        ekey = jax.random.fold_in(key, e)
-        index, bw = M.resample_plan(jax.random.fold_in(ekey, 0), sw, 6)
-        assert np.all(sw[index[bw != 0]] > 0) and np.count_nonzero(bw) == 16
-        for i in range(index.shape[0]):
-            batch = {"x": jnp.asarray(X[index[i]]), "y": jnp.asarray(Y[index[i]]), "weight": jnp.asarray(bw[i])}
-            state, _ = step(state, batch)
-    for a, b in zip(jax.tree.leaves(out["params"]), jax.tree.leaves(state.params)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
-    assert len(hist) == 2
-
-
-def test_retrain_with_sampler_resumes_from_checkpoint(tmp_path):
-    from jaxunlearn import checkpoint
-
-    model = models.logistic_regression(D, K)
-    v = model.init(jax.random.key(0), X[:1])
-    sw = M.group_weights(Y, (X[:, 0] > 0).astype(np.int64), np.arange(N) >= 4)
-    kw = dict(batch_size=6, key=jax.random.key(3), sampling_weight=sw, progress=False)
-    tx = optax.adam(0.05)
-    full, _ = M.retrain(v, model.apply, tx, {"x": X, "y": Y}, epochs=4, **kw)
-    M.retrain(v, model.apply, tx, {"x": X, "y": Y}, epochs=2,
-              checkpoints=checkpoint.Checkpointer(tmp_path / "ck"), **kw)     # "interrupted"
-    resumed, hist = M.retrain(v, model.apply, tx, {"x": X, "y": Y}, epochs=4,
-                              checkpoints=checkpoint.Checkpointer(tmp_path / "ck"), **kw)
-    assert [h["epoch"] for h in hist] == [3, 4]
-    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    with pytest.raises(ValueError, match="sampling_weight has shape"):
-        M.retrain(v, model.apply, tx, {"x": X, "y": Y}, epochs=1, **{**kw, "sampling_weight": sw[:5]})
-
-
-# ----------------------------------------------------------------------------- the loop
-
-def test_epoch_plan_cycles_forget_and_pads():
-    weights = {"forget": -np.ones(5, np.float32), "retain": np.ones(14, np.float32)}
-    plan = M.epoch_plan(jax.random.key(0), ("forget", "retain"), weights, 4, forget_batch_size=2)
-    assert plan["retain_index"].shape == (4, 4)
-    np.testing.assert_array_equal(plan["retain_weight"][-1], [1, 1, 0, 0])   # 14 = 3*4 + 2
-    np.testing.assert_array_equal(plan["forget_pass"], [0, 0, 0, 1])         # 5 = 2 + 2 + 1(+pad)
-    np.testing.assert_array_equal(plan["forget_weight"][2], [-1, 0])
-    first_pass = plan["forget_index"][:3][plan["forget_weight"][:3] != 0]
-    np.testing.assert_array_equal(np.sort(first_pass), np.arange(5))
-    only_f = M.epoch_plan(jax.random.key(0), ("forget",), weights, 4, forget_batch_size=2)
-    assert only_f["forget_index"].shape == (3, 2)
-
-
-def test_run_method_pads_compiles_once_and_equals_manual_loop():
-    traces = []
-    ft = M.finetune(APPLY, optimizer=optax.sgd(LR))
-
-    def counted(variables, state, batches, key):
-        traces.append(1)
-        out = ft.update(variables, state, batches, key)
-        return out[0], out[1], {**out[2], "active": jnp.sum(batches["retain"]["weight"] != 0) * 1.0}
-
-    method = ft._replace(update=counted)
-    retain = {"x": X[:13], "y": Y[:13]}
-    key = jax.random.key(5)
-    out, state, hist = M.run_method(method, V1, None, retain, epochs=3, batch_size=5, key=key,
-                                    progress=False)
-    assert len(traces) == 1                       # traced (and compiled) once for 3 epochs
-    assert len(hist) == 3 and int(state.step) == 9
-    M.run_method(method, V0, None, {"x": X[5:18], "y": Y[5:18]}, epochs=1, batch_size=5,
-                 key=key, progress=False)
-    assert len(traces) == 1                       # a second run on sets of equal size reuses it
-    np.testing.assert_allclose(hist[0]["active"], 13 / 3)   # batches of 5, 5, 3 (+2 padding)
-    v, s = V1, ft.init(V1)
-    update = jax.jit(ft.update)
-    for e in range(3):
-        ekey = jax.random.fold_in(key, e)
-        plan = M.epoch_plan(jax.random.fold_in(ekey, 0), ("retain",), {"retain": np.ones(13, np.float32)}, 5)
-        for i in range(plan["retain_index"].shape[0]):
-            b = {"retain": _batch(plan["retain_index"][i], plan["retain_weight"][i], X[:13], Y[:13])}
-            v, s, _ = update(v, s, b, jax.random.key(0))
-    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(v)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
-
-
-def test_differently_weighted_runs_share_one_compile_and_skip_padding():
-    """Hard and soft weights give sets of other sizes; one compiled epoch serves both, and its
-    padding (skipped steps, weight-0 forget columns) leaves Adam's result that of the real steps."""
-    traces = []
-    ga = M.neggrad_plus(APPLY, alpha=0.9, optimizer=optax.adam(0.05))
-
-    def counted(v, s, b, k):
-        traces.append(1)
-        return ga.update(v, s, b, k)
-
-    method = ga._replace(update=counted)
-    split, key = {"x": X, "y": Y}, jax.random.key(2)
-    update = jax.jit(ga.update)
-    for eps, fbs in ((np.r_[-np.ones(4), np.zeros(16)], 3), (np.linspace(-0.5, 0.4, 20), 4)):
-        forget, retain = M.soft_split(split, eps)
-        out, _, _ = M.run_method(method, V1, forget, retain, epochs=2, batch_size=4,
-                                 forget_batch_size=fbs, key=key, progress=False)
-        v, s, step = V1, ga.init(V1), 0
-        weights = {"forget": forget["weight"], "retain": retain["weight"]}
-        for e in range(2):
-            ekey = jax.random.fold_in(key, e)
-            plan = M.epoch_plan(jax.random.fold_in(ekey, 0), ("forget", "retain"), weights, 4,
-                                forget_batch_size=fbs)
-            for i in range(plan["forget_pass"].shape[0]):
-                b = {"forget": _batch(plan["forget_index"][i], plan["forget_weight"][i]),
-                     "retain": _batch(plan["retain_index"][i], plan["retain_weight"][i]),
-                     "schedule": M.schedule(e, 2, plan["forget_pass"][i])}
-                v, s, _ = update(v, s, b, jax.random.fold_in(jax.random.fold_in(ekey, 1), step))
-                step += 1
-        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(v)):
-            np.testing.assert_allclose(a, b, atol=1e-5)
-    assert len(traces) == 1   # 4 vs 5 retain steps, forget batches of 3 (padded to 4) and 4
-
-
 def test_bad_input_is_rejected():
     forget, retain = {"x": X[:5], "y": Y[:5]}, {"x": X[5:], "y": Y[5:]}
     kw = dict(epochs=1, batch_size=4, key=jax.random.key(0), progress=False)
-    with pytest.raises(ValueError, match="needs the forget set"):
-        M.run_method(M.random_labels(APPLY), V0, None, retain, **kw)
-    with pytest.raises(ValueError, match="forget weight has shape"):
-        M.run_method(M.random_labels(APPLY), V0, {**forget, "weight": np.ones(3)}, retain, **kw)
+    with pytest.raises(ValueError, match="reads the 'forget' set"):
+        loop.run(M.random_labels(APPLY), V0, {"retain": retain}, **kw)
+    with pytest.raises(ValueError, match="forget set has no 'weight'"):
+        loop.run(M.random_labels(APPLY), V0, {"forget": forget, "retain": retain}, **kw)
+    with pytest.raises(ValueError, match="forget set's weight has shape"):
+        loop.run(M.random_labels(APPLY), V0, {"forget": {**forget, "weight": np.ones(3)},
+                                              "retain": retain}, **kw)
     with pytest.raises(ValueError, match="structure"):
-        M.run_method(M.finetune(APPLY, trainable={"body": True}), V0, None, retain, **kw)
+        loop.run(M.finetune(APPLY, trainable={"body": True}), V0, {"retain": retain}, **kw)
     with pytest.raises(ValueError, match="selects no parameter"):
         M.finetune(APPLY, trainable={"head": {"kernel": False, "bias": False}})
-    with pytest.raises(ValueError, match="schedule"):
-        M.l1_sparse(APPLY).update(V0, M.l1_sparse(APPLY).init(V0), {"retain": RB}, None)
+    with pytest.raises(ValueError, match="epochs"):
+        M.l1_sparse(APPLY, epochs=0)
     with pytest.raises(ValueError, match="larger than the input range"):
         M.boundary_shrink(APPLY, eps=2.0, input_range=(0.0, 1.0))
     with pytest.raises(ValueError, match="alpha"):

@@ -30,7 +30,6 @@ from jaxunlearn.data.forget import (
     forget_top_fraction,
     forget_top_k,
     group_cells,
-    unlearning_weights,
 )
 from jaxunlearn.data.images import (
     load_digits,

@@ -32,7 +32,6 @@ __all__ = [
     "forget_top_fraction",
     "forget_mask",
     "forget_retain_splits",
-    "unlearning_weights",
     "group_cells",
 ]
 
@@ -196,17 +195,6 @@ def forget_retain_splits(split: Mapping[str, np.ndarray], rows) -> tuple[dict, d
     """``(forget, retain)`` sub-splits of the training split (``index`` keeps original ids)."""
     mask = forget_mask(split_len(split), rows)
     return take(split, np.flatnonzero(mask)), take(split, np.flatnonzero(~mask))
-
-
-def unlearning_weights(n: int, rows, *, forget_weight: float = 0.0,
-                       retain_weight: float = 1.0) -> np.ndarray:
-    """Per-sample weights [n] float32 for the weighted objective (DESIGN.md).
-
-    ``forget_weight = 0`` removes the forget set (retrain / fine-tune on D_r), ``-1`` ascends on
-    it (gradient ascent terms); ``retain_weight = 0`` keeps only the forget rows.
-    """
-    mask = forget_mask(n, rows)
-    return np.where(mask, forget_weight, retain_weight).astype(np.float32)
 
 
 def group_cells(split: Mapping[str, np.ndarray], num_groups: int) -> np.ndarray:

@@ -1,13 +1,16 @@
 """Unlearning methods, one per file, all with one shape (DESIGN.md, :mod:`.base`).
 
 Each factory takes the method's hyperparameters as keyword arguments and returns a
-:class:`Method` ``(init, update)``; :func:`run_method` runs any of them. Data-dependent inputs
+:class:`Method` ``(init, update)``; :func:`jaxunlearn.loop.run` runs any of them, training included.
+A new method is one file here plus one line below. Data-dependent inputs
 are computed beforehand by the library functions next to each method
 (:func:`saliency_mask`, :func:`fisher_diagonal`, :func:`group_weights`, ...).
 
 =============  ====================================  ==========================================
 method         factory                               reads / input
 =============  ====================================  ==========================================
+train          :func:`train`                         train (the original recipe)
+Retrain        :func:`retrain`                       retain (fresh variables); ``weights.group_weights``
 FT / CF        :func:`finetune`                      retain
 CF-k           :func:`cf_k`                          retain; last-k mask
 EU-k           :func:`eu_k`                          retain; fresh variables, last-k mask
@@ -22,15 +25,14 @@ Bad-T          :func:`bad_teacher`                   forget + retain; random tea
 Fisher         :func:`fisher_forgetting`             one-shot; :func:`fisher_diagonal`, :func:`retain_gradient`
 NTK            :func:`ntk_forgetting`                one-shot, forget + retain
 IF             :func:`influence_unlearning`          one-shot, forget; inverse-HVP solver
-Retrain        :func:`retrain`                       train from scratch; :func:`group_weights`
 MIU            :func:`miu`                           forget + retain with groups; :func:`check_miu_estimators`
 =============  ====================================  ==========================================
 """
 
 from jaxunlearn.methods.base import (
-    Method, MethodState, Subset, schedule, soft_split, resolve_trainable, combine_masks,
+    Method, MethodState, Subset, first_pass, resolve_trainable, combine_masks,
     freeze_outside, subset_optimizer, apply_updates, gradient_step)
-from jaxunlearn.methods.loop import run_method, epoch_plan, resample_plan
+from jaxunlearn.methods.train import train, retrain
 from jaxunlearn.methods.finetune import finetune, cf_k
 from jaxunlearn.methods.eu_k import eu_k
 from jaxunlearn.methods.gradient_ascent import gradient_ascent
@@ -45,6 +47,5 @@ from jaxunlearn.methods.fisher import (fisher_diagonal, fisher_forgetting, retai
                                       newton_step_size)
 from jaxunlearn.methods.ntk import ntk_forgetting
 from jaxunlearn.methods.influence_removal import influence_unlearning
-from jaxunlearn.methods.retrain import retrain, group_weights
 from jaxunlearn.methods.miu import miu, check_estimators as check_miu_estimators
 from jaxunlearn.methods.fairness_gap_penalty import fairness_gap_penalty, with_fairness_gap_penalty

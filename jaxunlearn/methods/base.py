@@ -6,15 +6,16 @@ keyword arguments are the hyperparameters returns a :class:`Method`, a pair of p
     init(variables) -> state
     update(variables, state, batches, key) -> (variables, state, metrics)
 
-that the caller jits (:func:`jaxunlearn.methods.run_method` runs every method the same way).
+that the caller jits (:func:`jaxunlearn.loop.run` runs every method, training included, the same way).
 
 * ``variables`` is the model's full variables dict ``{"params": ..., "batch_stats": ..., ...}``,
   exactly what ``apply`` takes. Only ``variables["params"]`` is trained; the other collections
   (BatchNorm statistics) are updated by the train-mode forward passes of the method's loss, in the
   order the reference runs them (each method documents its passes), and never in frozen layers.
-* ``batches = {"forget": Batch, "retain": Batch, "schedule": ...}`` with the DESIGN.md batch
-  layout; a method reads only the sets named in ``Method.uses``. ``batches["schedule"]`` (from
-  :func:`schedule`) tells epoch-dependent methods (L1-sparse, SCRUB) where they are.
+* ``batches = {"forget": Batch, "retain": Batch}`` (or ``{"train": Batch}``, ...) with the
+  DESIGN.md batch layout; a method reads only the sets named in ``Method.uses``. Epoch-dependent
+  methods read ``state.epoch`` (:class:`MethodState`, set by the loop) and, for a cycled set,
+  :func:`first_pass`.
 * ``metrics`` is a dict of scalars, always with ``"loss"``.
 * Data-dependent inputs (teacher variables, saliency mask, Fisher diagonal, ...) are computed
   beforehand by library functions and given to the factory; ``init`` moves every array into the
@@ -31,9 +32,10 @@ reduced with :func:`jaxunlearn.losses.weighted_mean`, with the batch's ``weight`
   ``eps_f = 0`` drops the sample. For gradient ascent the forgetting objective is ``-CE``, so its
   forget term is ``weighted_mean(CE, eps_f)``: eq. (9), ``theta <- theta - eta eps_f grad l``.
 
-:func:`soft_split` turns an ``eps`` vector over the training set into the two sets (both the
-whole training set, with weights ``eps`` and ``1 + eps``), so that a hard ``eps`` in {-1, 0} gives
-exactly ``D_f`` (weight -1) and ``D_r`` (weight 1), and a soft one the SW- method, with the same code.
+:func:`jaxunlearn.weights.unlearning_sets` turns an ``eps`` vector over the training set into the
+two sets (both the whole training set, with weights ``eps`` and ``1 + eps``), so that a hard ``eps``
+in {-1, 0} gives exactly ``D_f`` (weight -1) and ``D_r`` (weight 1), and a soft one the SW- method,
+with the same code.
 A sample of weight 0 is never scheduled and, as padding, changes nothing.
 
 **Trainable subsets.** Every factory takes ``trainable``: None (all parameters) or a bool pytree
@@ -60,8 +62,7 @@ __all__ = [
     "Method",
     "MethodState",
     "Subset",
-    "schedule",
-    "soft_split",
+    "first_pass",
     "resolve_trainable",
     "combine_masks",
     "take",
@@ -87,7 +88,8 @@ class Method(NamedTuple):
     Attributes:
       init: ``init(variables) -> state``.
       update: ``update(variables, state, batches, key) -> (variables, state, metrics)``.
-      uses: which of ``"forget"``, ``"retain"`` the update reads (the driver loop builds only those).
+      uses: the names of the sets the update reads, e.g. ``("forget", "retain")`` or
+        ``("train",)`` (the loop builds only those; see :func:`jaxunlearn.loop.primary_set`).
       one_shot: the method is a single ``update`` on whole sets (IF, Fisher, NTK).
       name: a short label for reports.
     """
@@ -100,60 +102,39 @@ class Method(NamedTuple):
 
 
 class MethodState(NamedTuple):
-    """The state of every method.
+    """The state of every method (the loop reads and sets only ``epoch``).
 
     Attributes:
-      step: int32 number of ``update`` calls so far.
+      step: int32 number of ``update`` calls so far (as optax's ``count``); the loop derives each
+        update's key from it.
+      epoch: int32 0-based epoch the loop is in (set by :func:`jaxunlearn.loop.run` before each
+        epoch; epoch-dependent methods such as SCRUB, L1-sparse and MIU read it).
       opt_state: the optax state over the trainable leaves (``()`` for one-shot methods).
       extra: dict of arrays the method carries (anchor, teachers, Fisher diagonal, ...).
     """
 
     step: jax.Array
+    epoch: jax.Array
     opt_state: Any
     extra: dict
-
-
-def schedule(epoch, num_epochs, forget_pass=0) -> dict:
-    """``batches["schedule"]``: 0-based ``epoch``, total ``num_epochs``, and ``forget_pass``, the
-    index of the pass over the (cycled) forget loader within the epoch (0 = first pass)."""
-    return {"epoch": jnp.asarray(epoch, jnp.int32), "num_epochs": jnp.asarray(num_epochs, jnp.int32),
-            "forget_pass": jnp.asarray(forget_pass, jnp.int32)}
-
-
-def soft_split(split: dict, eps, *, negative_only: bool = False) -> tuple[dict, dict]:
-    """``(forget, retain)`` sets for weights ``eps`` [n] over the training set ``split``.
-
-    ``forget`` is the split with ``weight = eps`` and ``retain`` the split with ``weight = 1 + eps``
-    (module docstring): hard ``eps`` in {-1, 0} gives D_f with weight -1 and D_r with weight 1
-    (weight-0 samples are never scheduled); soft ``eps`` gives the SW- version of any method.
-
-    Args:
-      split: the training split ``{"x", "y", ...}``.
-      eps: [n] weights from :func:`jaxunlearn.weights.soft_weights` or ``hard_weights``.
-      negative_only: keep only ``eps < 0`` in the forget set. A forget row with ``eps > 0``
-        *reverses* its forgetting objective (for GA: descent, eq. (9)); for methods whose
-        forgetting objective is not an ascent (RL, SalUn, BS, Bad-T) one may prefer to apply it
-        only to the samples the solver down-weights.
-    """
-    eps = np.asarray(eps, np.float32)
-    n = int(np.shape(split["y"])[0])
-    if eps.shape != (n,):
-        raise ValueError(f"eps has shape {eps.shape}, but the split has {n} samples")
-    if not np.all(np.isfinite(eps)):
-        raise ValueError("eps contains NaN or inf")
-    base = {k: v for k, v in split.items() if k != "weight"}
-    forget = np.where(eps < 0, eps, 0.0).astype(np.float32) if negative_only else eps
-    return {**base, "weight": forget}, {**base, "weight": 1.0 + eps}
 
 
 def require(batches: dict, name: str, method: str):
     """``batches[name]``, or a ValueError naming the method that needs it."""
     if not isinstance(batches, dict) or batches.get(name) is None:
-        what = ("batches['schedule'] (run_method supplies it; in your own loop use "
-                "methods.schedule(epoch, num_epochs, forget_pass))") if name == "schedule" else \
-            f"a {name!r} batch"
-        raise ValueError(f"{method} needs {what}")
+        raise ValueError(f"{method} needs a {name!r} batch")
     return batches[name]
+
+
+def first_pass(batch: dict) -> jax.Array:
+    """True if a cycled batch belongs to the first pass over its set in this epoch.
+
+    :func:`jaxunlearn.loop.run` marks each batch of a cycled set with ``"pass"`` [B]; a batch
+    without it (a caller's own loop) counts as a first pass.
+    """
+    if "pass" not in batch:
+        return jnp.asarray(True)
+    return batch["pass"][0] == 0
 
 
 # ----------------------------------------------------------------------------- trainable subsets
@@ -378,7 +359,7 @@ def init_state(variables, optimizer: optax.GradientTransformation | None, subset
     """The initial :class:`MethodState` (optimizer state over the trainable leaves)."""
     params, _ = split_model_state(variables)
     opt_state = () if optimizer is None else optimizer.init(take(params, subset))
-    return MethodState(jnp.zeros((), jnp.int32), opt_state, dict(extra or {}))
+    return MethodState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), opt_state, dict(extra or {}))
 
 
 def optimizer_for(method: str, optimizer, trainable, *, default=None):

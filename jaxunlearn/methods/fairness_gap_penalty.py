@@ -30,13 +30,13 @@ the same retain batch, restricted to the same trainable subset. With plain SGD o
 eta for both, one wrapped update equals, to first order in eta, one step on ``loss + strength * R``
 (Lie-Trotter splitting). The wrapper reads the retain set even if the method does not; for a
 forget-only method (GA, BS) that changes the epoch to one pass over D_r with the forget set cycled
-(see :func:`~jaxunlearn.methods.run_method`).
+(see :func:`~jaxunlearn.loop.run`).
 
 Typical use::
 
     rl = methods.random_labels(model.apply)
     rl_fgp = methods.with_fairness_gap_penalty(rl, model.apply, strength=10.0, num_classes=10)
-    variables, state, history = methods.run_method(rl_fgp, variables, forget, retain, ...)
+    variables, state, history = loop.run(rl_fgp, variables, sets, ...)
 """
 
 from __future__ import annotations
@@ -246,7 +246,8 @@ def with_fairness_gap_penalty(method: base.Method, apply_fn, *, strength: float,
 
     def update(variables, state, batches, key):
         rb = base.require(batches, "retain", label)
-        variables, inner, metrics = method.update(variables, state.extra["inner"], batches, key)
+        inner = state.extra["inner"]._replace(epoch=state.epoch)  # the loop sets the outer epoch
+        variables, inner, metrics = method.update(variables, inner, batches, key)
         ref = state.extra["reference"]
 
         def loss_fn(params, model_state):

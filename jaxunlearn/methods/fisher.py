@@ -26,14 +26,11 @@ from the original model; the Newton step is what makes the SW- version move.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn import losses
-from jaxunlearn.data.batching import batch_plan, split_size
+from jaxunlearn import evaluation, loop, losses
 from jaxunlearn.methods import base
 
 __all__ = ["fisher_diagonal", "retain_gradient", "newton_step_size", "fisher_forgetting"]
@@ -47,7 +44,6 @@ def _with_leaves(all_leaves, treedef, selected, train_leaves):
     return jax.tree_util.tree_unflatten(treedef, full)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "selected"))
 def _fisher_batch(apply_fn, selected, params, model_state, x, w):
     all_leaves, treedef = jax.tree_util.tree_flatten(params)
     leaves = [all_leaves[i] for i in selected]
@@ -79,19 +75,22 @@ def fisher_diagonal(apply_fn, variables, retain: dict, *, batch_size: int = 32, 
     """
     params, model_state = base.split_model_state(variables)
     selected, leaves_all, treedef = _selected(params, trainable)
-    index, bw, count = _weights_and_plan(retain, batch_size)
-    x = np.asarray(retain["x"])
-    total = [jnp.zeros_like(leaves_all[i]) for i in selected]
-    for i in range(index.shape[0]):
-        fi = _fisher_batch(apply_fn, selected, params, model_state, x[index[i]], bw[i])
-        total = [a + b for a, b in zip(total, fi)]
+    retain, count = _weighted(retain)
+
+    @jax.jit
+    def step(total, args, batch):
+        fi = _fisher_batch(apply_fn, selected, *args, batch["x"], batch["weight"])
+        return [a + b for a, b in zip(total, fi)]
+
+    total = evaluation.accumulate(step, [jnp.zeros_like(leaves_all[i]) for i in selected],
+                                  (params, model_state), retain, batch_size=min(batch_size, count),
+                                  keys=("x",))
     out = [jnp.full_like(l, jnp.nan) for l in leaves_all]
     for i, t in zip(selected, total):
         out[i] = t / count
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "selected"))
 def _objective_batch(apply_fn, selected, params, model_state, x, y, w):
     """``(sum_i w_i CE_i, its gradient on the selected leaves)`` for one batch, eval mode."""
     all_leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -104,16 +103,10 @@ def _objective_batch(apply_fn, selected, params, model_state, x, y, w):
     return jax.value_and_grad(loss)([all_leaves[i] for i in selected])
 
 
-def _weights_and_plan(retain: dict, batch_size: int):
-    n = split_size(retain)
-    w = np.ones(n, np.float32) if retain.get("weight") is None else np.asarray(retain["weight"], np.float32)
-    if w.shape != (n,) or not np.all(np.isfinite(w)):
-        raise ValueError(f"retain weight must be a finite [{n}] vector")
-    count = int(np.count_nonzero(w))
-    if count == 0:
-        raise ValueError("the retain set has no sample with a nonzero weight")
-    index, bw = batch_plan(n, min(batch_size, count), weight=w)
-    return index, bw, float(count)
+def _weighted(retain: dict) -> tuple[dict, int]:
+    """The retain split with its checked weights (default 1) and the number of nonzero ones."""
+    w = loop.set_weight(retain, "retain")
+    return {**retain, "weight": w}, int(np.count_nonzero(w))
 
 
 def _selected(params, trainable):
@@ -129,12 +122,16 @@ def _retain_objective(apply_fn, variables, retain, l2, batch_size, trainable):
     base.check_positive("l2", l2, allow_zero=True)
     params, model_state = base.split_model_state(variables)
     selected, leaves_all, treedef = _selected(params, trainable)
-    index, bw, count = _weights_and_plan(retain, batch_size)
-    x, y = np.asarray(retain["x"]), np.asarray(retain["y"])
-    value, total = 0.0, [jnp.zeros_like(leaves_all[i]) for i in selected]
-    for i in range(index.shape[0]):
-        vi, gi = _objective_batch(apply_fn, selected, params, model_state, x[index[i]], y[index[i]], bw[i])
-        value, total = value + vi, [a + b for a, b in zip(total, gi)]
+    retain, count = _weighted(retain)
+
+    @jax.jit
+    def step(acc, args, batch):
+        vi, gi = _objective_batch(apply_fn, selected, *args, batch["x"], batch["y"], batch["weight"])
+        return acc[0] + vi, [a + b for a, b in zip(acc[1], gi)]
+
+    value, total = evaluation.accumulate(
+        step, (jnp.zeros(()), [jnp.zeros_like(leaves_all[i]) for i in selected]),
+        (params, model_state), retain, batch_size=min(batch_size, count), keys=("x", "y"))
     penalty = sum(jnp.sum(jnp.square(l)) for l in leaves_all)
     out = [jnp.full_like(l, jnp.nan) for l in leaves_all]
     for i, t in zip(selected, total):
@@ -249,8 +246,7 @@ def fisher_forgetting(fisher, *, alpha: float = 1e-6, max_variance: float = 1e3,
             step = [step_size * gl / (fl + damping) for gl, fl in zip(g, f)]
         return base.init_state(variables, None, subset, {"fisher": f, "masks": masks, "step": step})
 
-    update = _cached_update(alpha, max_variance) if subset is None else \
-        _make_update(alpha, max_variance, subset)
+    update = _make_update(alpha, max_variance, subset)
     return base.Method(init, update, uses=(), one_shot=True, name="Fisher")
 
 
@@ -276,10 +272,3 @@ def _make_update(alpha: float, max_variance: float, subset):
             {"loss": jnp.zeros(()), "noise_rms": noise_std}
 
     return update
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_update(alpha: float, max_variance: float):
-    # one function object per setting, so run_method's compiled update is reused by every run
-    # (Fisher is rebuilt for each weighting because its Fisher depends on the weights)
-    return _make_update(alpha, max_variance, None)

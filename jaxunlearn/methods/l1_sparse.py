@@ -5,7 +5,8 @@ Loss in epoch e of E (one train-mode pass on the retain batch):
     L(theta) = weighted_mean(CE_r, w_r) + alpha_e ||theta||_1,   alpha_e = alpha (1 - e / E),
 
 alpha_e constant within an epoch and decaying linearly to 0 (the reference's ``compute_alpha``).
-The L1 norm covers the trainable parameters. ``e`` and ``E`` come from ``batches["schedule"]``.
+The L1 norm covers the trainable parameters. ``E`` is the ``epochs`` hyperparameter (the decay
+horizon, as an optax schedule knows its length) and ``e`` is ``state.epoch``.
 """
 
 from __future__ import annotations
@@ -20,17 +21,21 @@ from jaxunlearn.methods.finetune import retain_cross_entropy
 __all__ = ["l1_sparse"]
 
 
-def l1_sparse(apply_fn, *, alpha: float = 5e-4, optimizer: optax.GradientTransformation | None = None,
-              trainable=None) -> base.Method:
+def l1_sparse(apply_fn, *, epochs: int, alpha: float = 5e-4,
+              optimizer: optax.GradientTransformation | None = None, trainable=None) -> base.Method:
     """L1-sparse.
 
     Args:
       apply_fn: the model's ``apply``.
+      epochs: E, the number of epochs over which alpha decays to 0 (the run's epochs).
       alpha: initial L1 coefficient (reference ~5e-4).
       optimizer: default SGD lr 0.01, momentum 0.9, weight decay 1e-4 (De Min et al.'s config).
       trainable: optional bool mask over ``variables["params"]``.
     """
     alpha = base.check_positive("alpha", alpha, allow_zero=True)
+    if int(epochs) < 1:
+        raise ValueError(f"L1-sparse: epochs must be >= 1, got {epochs}")
+    num_epochs = int(epochs)
     subset, tx = base.optimizer_for("L1-sparse", optimizer, trainable,
                                     default=base.sgd(0.01, momentum=0.9, weight_decay=1e-4))
 
@@ -40,9 +45,7 @@ def l1_sparse(apply_fn, *, alpha: float = 5e-4, optimizer: optax.GradientTransfo
     def update(variables, state, batches, key):
         del key
         batch = base.require(batches, "retain", "L1-sparse")
-        sched = base.require(batches, "schedule", "L1-sparse")
-        coef = alpha * (1.0 - sched["epoch"].astype(jnp.float32)
-                        / jnp.maximum(sched["num_epochs"], 1).astype(jnp.float32))
+        coef = alpha * (1.0 - state.epoch.astype(jnp.float32) / num_epochs)
         ce_loss = retain_cross_entropy(apply_fn, batch)
 
         def loss_fn(params, model_state):

@@ -12,7 +12,7 @@ mode). ``Q_C`` is uniform over the G cells by default, as in the reference: a fo
 uniform ``c~`` and ``T`` near the optimum ``log p(g | z) + log G`` of the *training* distribution, the
 forget objective is ``mean_f log p(g_f | z_f)``: it moves forget features away from their group.
 
-One ``update`` takes a zipped (forget, retain) batch pair (:func:`jaxunlearn.methods.run_method`):
+One ``update`` takes a zipped (forget, retain) batch pair (:func:`jaxunlearn.loop.run`):
 
 1. **Tuning** (first update of each epoch): ``tune_steps_first`` (epoch 0, reference 100) or
    ``tune_steps_epoch`` (later, reference 10) ascent steps of both estimators on batches of the
@@ -60,7 +60,7 @@ the current batch is folded in (the reference's after).
 
 **Divergence.** An estimate that is non-finite or exceeds ``max_nats`` in absolute value sets the
 state's ``"diverged"`` flag; from then on the update leaves the model unchanged and reports a NaN
-``"loss"`` (so :func:`~jaxunlearn.methods.run_method` raises ``FloatingPointError``), and
+``"loss"`` (so :func:`~jaxunlearn.loop.run` raises ``FloatingPointError``), and
 :func:`check_estimators` raises :class:`~jaxunlearn.mutual_information.MIDivergenceError` (a
 ``FloatingPointError``) on such a state.
 
@@ -267,11 +267,10 @@ def miu(apply_fn, tune_data: dict, *, num_classes: int, num_sensitive: int, key:
     def update(variables, state, batches, key):
         fb = base.require(batches, "forget", "MIU")
         rb = base.require(batches, "retain", "MIU")
-        sched = base.require(batches, "schedule", "MIU")
         _require_group(fb, "forget")
         _require_group(rb, "retain")
         extra = dict(state.extra)
-        epoch = sched["epoch"]
+        epoch = state.epoch
 
         # 1. Tuning at the first update of an epoch.
         steps = jnp.where(epoch == 0, int(tune_steps_first), int(tune_steps_epoch))
@@ -312,7 +311,7 @@ def miu(apply_fn, tune_data: dict, *, num_classes: int, num_sensitive: int, key:
             z = jnp.zeros((), jnp.float32)
             return v, o, z, z, jnp.asarray(True), z
 
-        active = ((epoch < int(forget_epochs)) & (sched["forget_pass"] == 0)
+        active = ((epoch < int(forget_epochs)) & base.first_pass(fb)
                   & jnp.any(fb["weight"] != 0))
         if int(forget_epochs):
             variables, opt_state, mi_forget, bexp_f, ok_f, size_f = jax.lax.cond(
@@ -361,7 +360,7 @@ def miu(apply_fn, tune_data: dict, *, num_classes: int, num_sensitive: int, key:
         extra.update(estimator_unlearned=est_u, estimator_original=est_o, diverged=diverged,
                      invalid_forget_weight=extra["invalid_forget_weight"] | (active & bad_weight),
                      max_abs_mi=max_abs)
-        # A diverged estimator makes the reported loss NaN, so run_method stops the run loudly.
+        # A diverged estimator makes the reported loss NaN, so loop.run stops the run loudly.
         metrics = {"loss": jnp.where(diverged, jnp.nan, loss), "retain_ce": m["retain_ce"],
                    "calibration": m["calibration"], "mi_retain": m["mi_retain"], "mi_original": target, "mi_forget": mi_forget,
                    "forget_step": forget_ran.astype(jnp.float32),

@@ -22,7 +22,7 @@ whole training set); the kernel ("dual") path above is taken when N K < P. The u
 
 The rows are ``[forget; retain]`` with ``c_complete = [-eps_f; w_r]`` (every training sample
 once: weight 1 in the hard case) and ``c_retain = [0; w_r]``; a sample appearing in both sets
-(:func:`~jaxunlearn.methods.base.soft_split`) has total weight ``1`` complete and ``1 + eps``
+(:func:`~jaxunlearn.weights.unlearning_sets`) has total weight ``1`` complete and ``1 + eps``
 retained, since the objective is linear in the row weights. Padding rows (weight 0) drop out.
 Deviation: the reference's rescaling of the update by a predicted norm ratio is not applied.
 """

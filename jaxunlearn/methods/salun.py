@@ -12,46 +12,40 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxunlearn import losses
-from jaxunlearn.data.batching import batch_plan, split_size
+from jaxunlearn import evaluation, loop, losses
 from jaxunlearn.methods import base
-from jaxunlearn.methods.loop import split_weight
 from jaxunlearn.methods.random_labels import random_labels
 
 __all__ = ["saliency_mask", "forget_gradient", "salun"]
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn",))
-def _weighted_grad(apply_fn, params, model_state, x, y, w):
-    def total(p):
-        logits, _ = apply_fn({"params": p, **model_state}, x, train=False)
-        return jnp.sum(w * losses.cross_entropy(logits, y))
-
-    return jax.grad(total)(params)
-
-
 def forget_gradient(apply_fn, variables, forget: dict, *, batch_size: int = 256):
     """``g = sum_i eps_i grad CE_i`` over the forget set in eval mode (a params-like pytree).
 
-    ``eps`` is ``forget["weight"]`` (default -1), so ``g = sum_i (-eps_i) grad(-CE_i)``.
+    ``eps`` is ``forget["weight"]`` (:func:`jaxunlearn.weights.unlearning_sets`), so
+    ``g = sum_i (-eps_i) grad(-CE_i)``.
     """
     params, model_state = base.split_model_state(variables)
-    w = split_weight(forget, "forget")
-    index, bw = batch_plan(split_size(forget), min(batch_size, max(1, int(np.count_nonzero(w)))),
-                           weight=w)
-    x, y = np.asarray(forget["x"]), np.asarray(forget["y"])
-    g = jax.tree.map(jnp.zeros_like, params)
-    for i in range(index.shape[0]):
-        gi = _weighted_grad(apply_fn, params, model_state, x[index[i]], y[index[i]], bw[i])
-        g = jax.tree.map(jnp.add, g, gi)
-    return g
+    w = loop.set_weight(forget, "forget")
+
+    @jax.jit
+    def step(g, args, batch):
+        params, model_state = args
+
+        def total(p):
+            logits, _ = apply_fn({"params": p, **model_state}, batch["x"], train=False)
+            return jnp.sum(batch["weight"] * losses.cross_entropy(logits, batch["y"]))
+
+        return jax.tree.map(jnp.add, g, jax.grad(total)(params))
+
+    return evaluation.accumulate(step, jax.tree.map(jnp.zeros_like, params), (params, model_state),
+                                 {**forget, "weight": w},
+                                 batch_size=min(batch_size, int(np.count_nonzero(w))), keys=("x", "y"))
 
 
 def saliency_mask(apply_fn, variables, forget: dict, *, threshold: float = 0.5,
@@ -61,7 +55,7 @@ def saliency_mask(apply_fn, variables, forget: dict, *, threshold: float = 0.5,
     Args:
       apply_fn: the model's ``apply``.
       variables: the original model's variables.
-      forget: the forget split (``"weight"`` = eps, default -1).
+      forget: the forget split (``"weight"`` = eps, :func:`jaxunlearn.weights.unlearning_sets`).
       threshold: fraction t in (0, 1] of elements kept (reference 0.5); exactly ``int(N t)``
         elements are kept, N the number of ranked elements, ties broken by position.
       batch_size: batch size of the gradient pass.

@@ -57,7 +57,6 @@ def scrub(apply_fn, *, alpha: float = 0.5, gamma: float = 1.0, temperature: floa
         del key
         fb = base.require(batches, "forget", "SCRUB")
         rb = base.require(batches, "retain", "SCRUB")
-        sched = base.require(batches, "schedule", "SCRUB")
         t_vars = state.extra["teacher"]
 
         def max_loss(params, model_state):
@@ -84,7 +83,7 @@ def scrub(apply_fn, *, alpha: float = 0.5, gamma: float = 1.0, temperature: floa
             v, o = carry
             return v, o, jnp.zeros((), jnp.float32)
 
-        active = (sched["epoch"] < max_epochs) & (sched["forget_pass"] == 0)
+        active = (state.epoch < max_epochs) & base.first_pass(fb)
         variables, opt_state, l_max = jax.lax.cond(active, do_max, skip_max,
                                                    (variables, state.opt_state))
         variables, opt_state, l_min, metrics = base.gradient_step(min_loss, variables, opt_state,

@@ -13,14 +13,14 @@ weight counts the sample once.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxunlearn import losses
-from jaxunlearn.data.batching import batch_plan, split_size
+from jaxunlearn import evaluation
+from jaxunlearn.data.batching import split_size
 
 __all__ = [
     "predicted_labels",
@@ -156,13 +156,6 @@ def worst_group_accuracy(pred, y, group, *, weight=None) -> float:
     return min(group_accuracy(pred, y, group, weight=weight).values())
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "num_classes", "num_groups"))
-def _count_batch(apply_fn, variables, x, y, group, weight, num_classes, num_groups):
-    logits, _ = apply_fn(variables, x, train=False)
-    return confusion_counts(logits, y, group=group, weight=weight, num_classes=num_classes,
-                            num_groups=num_groups)
-
-
 def count_predictions(apply_fn, variables, split: dict, *, num_classes: int,
                       num_groups: int | None = None, batch_size: int = 1024) -> np.ndarray:
     """Confusion counts [G, K, K] of a model over a split, streamed in padded batches (eval mode).
@@ -190,11 +183,8 @@ def count_predictions(apply_fn, variables, split: dict, *, num_classes: int,
         g = np.asarray(split["group"])
         if g.size and (g.min() < 0 or g.max() >= num_groups):
             raise ValueError(f"group ids in [{g.min()}, {g.max()}], outside [0, {num_groups})")
-    index, bw = batch_plan(n, min(batch_size, n))
-    x = np.asarray(split["x"])
-    total = np.zeros((num_groups, num_classes, num_classes), np.float64)
-    for i in range(index.shape[0]):
-        idx = index[i]
-        total += np.asarray(_count_batch(apply_fn, variables, x[idx], y[idx], g[idx], bw[i],
-                                         num_classes, num_groups), np.float64)
-    return total
+    ev = evaluation.evaluator(apply_fn, {"c": evaluation.confusion(num_classes=num_classes,
+                                                                   num_groups=num_groups)},
+                              batch_size=batch_size)
+    unweighted = {k: v for k, v in split.items() if k != "weight"}  # every sample counts once
+    return ev(variables, {**unweighted, "group": g})["c"]

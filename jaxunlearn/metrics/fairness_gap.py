@@ -28,7 +28,6 @@ Weights follow DESIGN.md: samples with ``weight == 0`` (padding) are ignored, ot
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
@@ -36,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn.data.batching import batch_plan, split_size
+from jaxunlearn import evaluation
 
 __all__ = [
     "fairness_gap_init",
@@ -44,6 +43,7 @@ __all__ = [
     "fairness_gap_merge",
     "fairness_gap_finalize",
     "class_variances",
+    "fairness_gap_metric",
     "fairness_gap_stats",
     "fairness_gap",
 ]
@@ -172,47 +172,45 @@ def fairness_gap_finalize(stats: dict, *, classes: Sequence[int] | None = None) 
     return {name: float(v.max() - v.min()) for name, v in class_variances(stats, classes=classes).items()}
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "per_channel"))
-def _gap_step(apply_fn, per_channel, stats, variables, x, y, weight):
-    _, aux = apply_fn(variables, x, train=False, capture_norm=True)
-    return fairness_gap_update(stats, aux["norm"], y, weight, per_channel=per_channel)
+def fairness_gap_metric(*, num_classes: int, per_channel: bool = False):
+    """The fairness-gap statistics as a :class:`jaxunlearn.evaluation.Metric` (finalized to the
+    raw statistics; apply :func:`fairness_gap_finalize` or :func:`class_variances` to them)."""
+    def init(outputs):
+        if not outputs.get("norm"):
+            raise ValueError("the model exposes no normalisation outputs (aux['norm'] is empty or "
+                             "missing with capture_norm=True), so the fairness-gap is undefined")
+        return fairness_gap_init(outputs["norm"], num_classes=num_classes, per_channel=per_channel)
+
+    def update(stats, outputs, batch):
+        return fairness_gap_update(stats, outputs["norm"], batch["y"], batch["weight"],
+                                   per_channel=per_channel)
+
+    return evaluation.Metric(init, update, lambda stats: stats, merge=fairness_gap_merge, needs_norm=True)
 
 
 def fairness_gap_stats(apply_fn, variables, split: dict, *, num_classes: int, batch_size: int = 256,
-                       per_channel: bool = False) -> dict:
+                       per_channel: bool = False, mesh=None) -> dict:
     """Accumulate fairness-gap statistics of a model over a split (eval mode, padded batches).
 
     Args:
       apply_fn: the model's ``apply``; it must honour ``capture_norm=True`` (DESIGN.md contract).
       variables: the model's variables.
-      split: ``{"x", "y"}`` arrays (the retain set in the paper's protocol).
+      split: ``{"x", "y"}`` arrays (the retain set in the paper's protocol); every sample counts once.
       num_classes: K.
       batch_size: evaluation batch size (memory is one batch of activations plus the statistics).
       per_channel: see the module docstring.
+      mesh: optional device mesh (batches split over its data axis).
     """
-    n = split_size(split)
-    y = np.asarray(split["y"])
-    if y.size and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"y has labels in [{y.min()}, {y.max()}], outside [0, {num_classes})")
-    index, bw = batch_plan(n, min(batch_size, n))
-    x = np.asarray(split["x"])
-
-    def norm_shapes(v, xb):
-        return apply_fn(v, xb, train=False, capture_norm=True)[1].get("norm")
-
+    split = {k: v for k, v in split.items() if k in ("x", "y")}
+    evaluation.check_labels(split["y"], num_classes)
+    ev = evaluation.evaluator(apply_fn, {"gap": fairness_gap_metric(num_classes=num_classes,
+                                                                     per_channel=per_channel)},
+                              batch_size=batch_size, mesh=mesh)
     try:
-        shapes = jax.eval_shape(norm_shapes, variables, x[index[0]])
+        return ev.stats(variables, split)["gap"]
     except TypeError as e:
         raise ValueError(f"the model's apply does not support capture_norm=True ({e}); the "
                          "fairness-gap needs normalisation-layer outputs in aux['norm']") from e
-    if not shapes:
-        raise ValueError("the model exposes no normalisation outputs (aux['norm'] is empty or "
-                         "missing with capture_norm=True), so the fairness-gap is undefined")
-    stats = fairness_gap_init(shapes, num_classes=num_classes, per_channel=per_channel)
-    for i in range(index.shape[0]):
-        idx = index[i]
-        stats = _gap_step(apply_fn, per_channel, stats, variables, x[idx], y[idx], bw[i])
-    return stats
 
 
 def fairness_gap(apply_fn, variables, split: dict, *, num_classes: int, batch_size: int = 256,

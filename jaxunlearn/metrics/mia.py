@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxunlearn import losses
-from jaxunlearn.train import predict
+from jaxunlearn.evaluation import predict
 
 __all__ = ["membership_scores", "roc_auc", "ThresholdAttack", "fit_threshold_attack",
            "predict_member", "mia", "mia_from_model"]
