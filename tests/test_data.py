@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxunlearn.methods import group_weights
+from jaxunlearn.weights import group_weights, removal_eps
 from jaxunlearn import data
 from jaxunlearn.data import (ChecksumError, DataError, Dataset, ForgetSetError, MissingDataError,
                              forget, images, splits, tabular, tfds_loaders)
@@ -713,10 +713,10 @@ def test_forget_retain_and_weights():
     np.testing.assert_array_equal(f["index"], rows)
     np.testing.assert_array_equal(np.sort(np.r_[f["index"], r["index"]]), np.arange(12))
     np.testing.assert_array_equal(r["x"], s["x"][r["index"]])
-    w = forget.unlearning_weights(12, rows)
-    np.testing.assert_array_equal(w, np.where(np.isin(np.arange(12), rows), 0.0, 1.0))
-    ga = forget.unlearning_weights(12, rows, forget_weight=-1.0)
-    assert ga.dtype == np.float32 and ga[0] == -1.0 and ga[1] == 1.0
+    eps = removal_eps(12, rows)
+    assert eps.dtype == np.float32
+    np.testing.assert_array_equal(eps, np.where(np.isin(np.arange(12), rows), -1.0, 0.0))
+    np.testing.assert_array_equal(removal_eps(12, forget.forget_mask(12, rows)), eps)
     cells = forget.group_cells(s, 2)
     np.testing.assert_array_equal(cells, s["group"] + 2 * s["y"])
     retain = ~forget.forget_mask(12, rows)
@@ -724,8 +724,8 @@ def test_forget_retain_and_weights():
     np.testing.assert_allclose(np.bincount(cells, weights=bw, minlength=6),
                                np.bincount(cells, minlength=6), rtol=1e-6)
     assert np.all(bw[rows] == 0)
-    with pytest.raises(ForgetSetError):
-        forget.unlearning_weights(12, [12])
+    with pytest.raises(ValueError, match="forget rows must lie in"):
+        removal_eps(12, [12])
 
 
 def test_adult_group_forget_end_to_end(adult):

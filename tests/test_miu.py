@@ -50,8 +50,11 @@ def _batch(idx, w, x=X):
 FB, RB = _batch(FI, WF), _batch(RI, WR)
 
 
-def _batches(epoch=0, forget_pass=0, fb=FB, rb=RB, num_epochs=10):
-    return {"forget": fb, "retain": rb, "schedule": M.schedule(epoch, num_epochs, forget_pass)}
+def _batches(epoch=0, forget_pass=0, fb=FB, rb=RB):
+    """A batch pair as the loop builds it (forget marked with its pass); ``_epoch`` is moved into
+    the state's ``epoch`` by :func:`_jit`, as ``loop.run`` does."""
+    fb = {**fb, "pass": jnp.full(fb["weight"].shape, forget_pass, jnp.int32)}
+    return {"forget": fb, "retain": rb, "_epoch": epoch}
 
 
 def _method(**kw):
@@ -69,7 +72,16 @@ def _jit(method):
     """The jitted update of a method (one compilation per method object)."""
     if id(method) not in _JIT:
         _JIT[id(method)] = (method, jax.jit(method.update))
-    return _JIT[id(method)][1]
+    jitted = _JIT[id(method)][1]
+
+    def update(variables, state, batches, key):
+        batches = dict(batches)
+        epoch = batches.pop("_epoch", None)
+        if epoch is not None:
+            state = state._replace(epoch=jnp.int32(epoch))
+        return jitted(variables, state, batches, key)
+
+    return update
 
 
 def _run(method, variables=V1, init_from=V0, batches=None, key=KEY):
@@ -232,7 +244,7 @@ def test_diverging_estimate_freezes_the_model_and_is_reported():
     state = state._replace(extra={**state.extra, "tune_x": state.extra["tune_x"] * 1e30})
     out, state, m = _jit(FIX)(V1, state, _batches(), KEY)
     assert bool(state.extra["diverged"])
-    assert np.isnan(float(m["loss"]))  # run_method stops on it
+    assert np.isnan(float(m["loss"]))  # loop.run stops on it
     _close(out, V1, atol=0, rtol=0)
     with pytest.raises(mi.MIDivergenceError, match="diverged"):
         MIU.check_estimators(state)
@@ -251,7 +263,7 @@ def test_batchnorm_model_updates_its_statistics():
     v0 = model.init(jax.random.key(0), X[:2])
     method = MIU.miu(model.apply, TUNE, num_classes=2, num_sensitive=2, key=jax.random.key(1),
                      tune_steps_first=0, tune_steps_epoch=0, mine_hidden=8)
-    out, state, m = jax.jit(method.update)(v0, method.init(v0), _batches(), KEY)
+    out, state, m = _jit(method)(v0, method.init(v0), _batches(), KEY)
     assert np.isfinite(float(m["loss"]))
     moved = np.abs(out["batch_stats"]["BatchNorm_0"]["mean"] - v0["batch_stats"]["BatchNorm_0"]["mean"])
     assert moved.max() > 0

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from jaxunlearn import models, train
+from jaxunlearn import methods, models
 from jaxunlearn.models import partition as P
 
 B, K, W = 4, 10, 4  # batch, classes, ResNet width
@@ -346,12 +346,14 @@ def test_train_subset_leaves_frozen_params_bit_identical():
     model, x, y, params = _mlp_setup()
     mask = P.last_k_mask(params, 1)
     tx = P.train_subset(optax.adam(0.1), mask)
-    state = train.TrainState(jnp.zeros((), jnp.int32), params, {}, tx.init(params))
-    step = jax.jit(train.make_train_step(model.apply, tx, l2=0.1))
+    trainer = methods.train(model.apply, tx, l2=0.1)
+    step = jax.jit(trainer.update)
+    variables = {"params": params}
+    state = trainer.init(variables)
     batch = {"x": x, "y": y, "weight": jnp.ones(8)}
     for _ in range(3):
-        state, _ = step(state, batch)
-    for m, new, old in zip(*map(jax.tree.leaves, (mask, state.params, params))):
+        variables, state, _ = step(variables, state, {"train": batch}, None)
+    for m, new, old in zip(*map(jax.tree.leaves, (mask, variables["params"], params))):
         new, old = np.asarray(new), np.asarray(old)
         if m:
             assert not np.array_equal(new, old)

@@ -250,12 +250,3 @@ def test_sweep_hard_fraction_stops_at_best():
         W.sweep_hard_fraction(evaluate, scores, [0.2, 0.1])
     with pytest.raises(ValueError, match="returned nan"):
         W.sweep_hard_fraction(lambda e: float("nan"), scores, [0.1])
-
-
-def test_training_weights():
-    eps = np.array([-1.0, 0.25, 0.0])
-    np.testing.assert_allclose(np.asarray(W.training_weights(eps, num_samples=3)), [0.0, 1.25, 1.0])
-    with pytest.raises(ValueError, match="3 weights but the training set has 4"):
-        W.training_weights(eps, num_samples=4)
-    with pytest.raises(ValueError, match="NaN"):
-        W.training_weights(np.array([np.nan]))

@@ -334,7 +334,8 @@ def gradient_step(loss_fn: LossFn, variables, opt_state, optimizer: optax.Gradie
     Args:
       loss_fn: ``loss_fn(params, model_state) -> (loss, (new_model_state, metrics))``.
       variables: the model variables.
-      opt_state: state of ``subset_optimizer(optimizer, subset)`` over ``take(params, subset)``.
+      opt_state: state of ``subset_optimizer(optimizer, subset)`` over ``take(params, subset)``
+        (over the params pytree itself when ``subset`` is None).
       optimizer: that optimizer (already wrapped with :func:`subset_optimizer`).
       subset: the trainable subset or None.
 
@@ -342,14 +343,19 @@ def gradient_step(loss_fn: LossFn, variables, opt_state, optimizer: optax.Gradie
       ``(variables, opt_state, loss, metrics)``.
     """
     params, model_state = split_model_state(variables)
-    leaves = take(params, subset)
+    # all parameters: the optimizer sees the params pytree itself (so optax masks over it work)
+    leaves = params if subset is None else take(params, subset)
 
     def objective(train_leaves):
-        return loss_fn(put(params, subset, train_leaves), model_state)
+        return loss_fn(train_leaves if subset is None else put(params, subset, train_leaves),
+                       model_state)
 
     (loss, (new_state, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(leaves)
     updates, opt_state = optimizer.update(grads, opt_state, leaves)
-    params = put(params, subset, apply_updates(leaves, updates))
+    if subset is None:
+        params = jax.tree.map(lambda p, u: apply_updates([p], [u])[0], params, updates)
+    else:
+        params = put(params, subset, apply_updates(leaves, updates))
     new_state = _keep_frozen_state(new_state, model_state, subset)
     return {"params": params, **new_state}, opt_state, loss, metrics
 
@@ -358,7 +364,7 @@ def init_state(variables, optimizer: optax.GradientTransformation | None, subset
                extra: dict | None = None) -> MethodState:
     """The initial :class:`MethodState` (optimizer state over the trainable leaves)."""
     params, _ = split_model_state(variables)
-    opt_state = () if optimizer is None else optimizer.init(take(params, subset))
+    opt_state = () if optimizer is None else optimizer.init(params if subset is None else take(params, subset))
     return MethodState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), opt_state, dict(extra or {}))
 
 
