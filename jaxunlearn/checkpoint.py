@@ -6,6 +6,12 @@ newest complete one. Restoring always goes through an abstract target built from
 (``ocp.utils.to_shape_dtype_struct``), so optax NamedTuples come back as NamedTuples, and a
 checkpoint whose tree structure, shapes or dtypes differ from the template is refused with an
 error that names the first mismatching leaf.
+
+A checkpoint can also carry a JSON-able dict next to the tree (``data_state``: e.g. the streaming
+input's iterator state ``{"epoch", "step"}``, :class:`jaxunlearn.data.streaming.StreamingLoader`):
+both are items of one Orbax composite checkpoint (``default``: the tree, ``data_iterator``: the
+JSON), committed together, so a restored train state always comes with the iterator position it
+was saved at.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ class Checkpointer:
     """
 
     SIGNATURE = "signature.json"
+    TREE = "default"  # the item name Orbax gives a single-item checkpoint (older checkpoints)
+    DATA = "data_iterator"
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
         self.directory = os.path.abspath(os.fspath(directory))
@@ -51,11 +59,27 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                 enable_async_checkpointing=False),
+            item_handlers={self.TREE: ocp.StandardCheckpointHandler(),
+                           self.DATA: ocp.JsonCheckpointHandler()},
         )
 
-    def save(self, step: int, tree: Any) -> None:
-        """Save ``tree`` as checkpoint ``step`` and wait until it is on disk."""
-        self._manager.save(int(step), args=ocp.args.StandardSave(tree), force=True)
+    def save(self, step: int, tree: Any, *, data_state: dict | None = None) -> None:
+        """Save ``tree`` (and ``data_state``) as checkpoint ``step``; wait until it is on disk.
+
+        Args:
+          step: checkpoint number.
+          tree: the pytree (train state, method state, ...).
+          data_state: optional JSON-able dict saved in the same checkpoint, e.g. a data
+            iterator's state (:meth:`restore_data_state`).
+        """
+        items = {self.TREE: ocp.args.StandardSave(tree)}
+        if data_state is not None:
+            try:
+                json.dumps(data_state)
+            except TypeError as e:
+                raise ValueError(f"data_state must be a JSON-able dict, got {data_state!r}: {e}") from e
+            items[self.DATA] = ocp.args.JsonSave(dict(data_state))
+        self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
         self._manager.wait_until_finished()
         sig_path = os.path.join(self.directory, self.SIGNATURE)
         tmp = sig_path + ".tmp"
@@ -71,11 +95,23 @@ class Checkpointer:
         self._check_signature(template)
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
         try:
-            return self._manager.restore(int(step), args=ocp.args.StandardRestore(abstract))
+            restored = self._manager.restore(
+                int(step), args=ocp.args.Composite(**{self.TREE: ocp.args.StandardRestore(abstract)}))
+            return restored[self.TREE]
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointMismatchError(
                 f"checkpoint {step} in {self.directory} does not match the model/state it is "
                 f"restored into: {e}") from e
+
+    def restore_data_state(self, step: int) -> dict | None:
+        """The ``data_state`` saved with checkpoint ``step``, or None if it was saved without."""
+        if not os.path.isdir(os.path.join(self.directory, str(int(step)), self.DATA)):
+            if int(step) not in self._manager.all_steps():
+                raise FileNotFoundError(f"no checkpoint {step} in {self.directory}")
+            return None
+        restored = self._manager.restore(
+            int(step), args=ocp.args.Composite(**{self.DATA: ocp.args.JsonRestore()}))
+        return dict(restored[self.DATA])
 
     def restore_latest(self, template: Any) -> tuple[int, Any] | None:
         """``(step, tree)`` of the newest checkpoint, or None if there is none."""
