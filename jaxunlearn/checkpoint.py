@@ -105,12 +105,13 @@ class Checkpointer:
 
     def restore_data_state(self, step: int) -> dict | None:
         """The ``data_state`` saved with checkpoint ``step``, or None if it was saved without."""
-        if not os.path.isdir(os.path.join(self.directory, str(int(step)), self.DATA)):
-            if int(step) not in self._manager.all_steps():
-                raise FileNotFoundError(f"no checkpoint {step} in {self.directory}")
+        if int(step) not in self._manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint {step} in {self.directory}")
+        try:
+            restored = self._manager.restore(
+                int(step), args=ocp.args.Composite(**{self.DATA: ocp.args.JsonRestore()}))
+        except KeyError:  # saved without data_state
             return None
-        restored = self._manager.restore(
-            int(step), args=ocp.args.Composite(**{self.DATA: ocp.args.JsonRestore()}))
         return dict(restored[self.DATA])
 
     def restore_latest(self, template: Any) -> tuple[int, Any] | None:

@@ -179,6 +179,18 @@ def test_checkpoint_data_state_optional_and_json_only(tmp_path):
             ck.save(3, tree, data_state={"epoch": np.zeros(2)})
         with pytest.raises(FileNotFoundError):
             ck.restore_data_state(9)
+    # a checkpoint written before data_state existed (single unnamed Orbax item) still restores
+    import orbax.checkpoint as ocp
+
+    old = ocp.CheckpointManager(tmp_path / "old", options=ocp.CheckpointManagerOptions(
+        create=True, enable_async_checkpointing=False))
+    old.save(5, args=ocp.args.StandardSave(tree))
+    old.wait_until_finished()
+    old.close()
+    with checkpoint.Checkpointer(tmp_path / "old") as ck:
+        step, got = ck.restore_latest(tree)
+        assert step == 5 and ck.restore_data_state(5) is None
+        np.testing.assert_array_equal(got["a"], tree["a"])
     loader = StreamingLoader.__new__(StreamingLoader)
     with pytest.raises(DataError, match="data iterator state"):
         StreamingLoader.restore(loader, {"epoch": 1})
