@@ -15,6 +15,7 @@ pytest.importorskip("grain")
 from jaxunlearn import checkpoint  # noqa: E402
 from jaxunlearn.data import (DataError, MissingDataError, StreamingLoader, batch_plan,  # noqa: E402
                              gather_batch, global_batch, load_celeb_a, load_cifar10,
+                             load_cifar100,
                              resample_plan, take, tfds_streaming_source)
 
 KEYS = ("x", "y", "weight", "group", "index")
@@ -52,6 +53,9 @@ def test_fixtures_read_by_tfds_and_the_in_memory_loaders(tiny_tfds_dir):
     # the fixture's class signal: per-class mean colours differ
     means = [ds.train["x"][ds.train["y"] == c].mean((0, 1, 2)) for c in np.unique(ds.train["y"])]
     assert np.ptp(np.stack(means), axis=0).max() > 0.2
+
+    c100 = load_cifar100(data_dir=tiny_tfds_dir, label="coarse", progress=False)
+    assert c100.num_classes == 20 and c100.train["x"].shape == (96, 32, 32, 3)
 
     celeb = tfds.data_source("celeb_a", split="validation", data_dir=tiny_tfds_dir)
     assert celeb[0]["image"].shape == (218, 178, 3) and len(celeb[0]["attributes"]) == 40

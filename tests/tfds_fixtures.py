@@ -1,9 +1,9 @@
-"""Tiny CIFAR-10- and CelebA-shaped TFDS datasets written offline with TFDS's own builder.
+"""Tiny CIFAR-10/100- and CelebA-shaped TFDS datasets written offline with TFDS's own builder.
 
-The builders subclass ``tfds.core.GeneratorBasedBuilder`` under the registered names ``cifar10``
-(version 3.0.2) and ``celeb_a`` (2.1.0) with the official features (CIFAR-10: ``id``, 32x32x3 PNG
-``image``, 10-class ``label``; CelebA: 218x178x3 JPEG ``image``, 10 ``landmarks``, 40 boolean
-``attributes``, ``identity``) and write array_record files, so ``tfds.data_source(name,
+The builders subclass ``tfds.core.GeneratorBasedBuilder`` under the registered names ``cifar10``,
+``cifar100`` (version 3.0.2) and ``celeb_a`` (2.1.0) with the official features (CIFAR: ``id``,
+32x32x3 PNG ``image``, ``label``, CIFAR-100 also ``coarse_label``; CelebA: 218x178x3 JPEG
+``image``, 10 ``landmarks``, 40 boolean ``attributes``, ``identity``) and write array_record files, so ``tfds.data_source(name,
 data_dir=DIR)`` and the loaders of :mod:`jaxunlearn.data.tfds_loaders` read them as if the real
 data had been prepared there. No TensorFlow and no download: images are passed to TFDS as PIL
 images, which TFDS encodes with Pillow.
@@ -14,7 +14,7 @@ image is brighter in its top third when ``Blond_Hair`` is set and bluer when ``M
 
 Usable from the command line too (e.g. to smoke-run the paper-scale presets)::
 
-    python tests/tfds_fixtures.py DIR          # writes DIR/cifar10/3.0.2 and DIR/celeb_a/2.1.0
+    python tests/tfds_fixtures.py DIR   # writes DIR/cifar10/3.0.2, DIR/cifar100/3.0.2, DIR/celeb_a/2.1.0
 """
 
 from __future__ import annotations
@@ -84,6 +84,47 @@ def write_tiny_cifar10(data_dir, *, num_train: int = 96, num_test: int = 48, see
     return _prepare(TinyCifar10, data_dir)
 
 
+def write_tiny_cifar100(data_dir, *, num_train: int = 96, num_test: int = 48,
+                        seed: int = 0) -> str:
+    """Write a CIFAR-100-shaped dataset (100 ``label`` s, 20 ``coarse_label`` s, ``fine // 5``)."""
+    tfds = _tfds()
+    from PIL import Image
+
+    class TinyCifar100(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        name = "cifar100"
+        VERSION = tfds.core.Version("3.0.2")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict({
+                    "id": tfds.features.Text(),
+                    "image": tfds.features.Image(shape=(32, 32, 3)),
+                    "label": tfds.features.ClassLabel(num_classes=100),
+                    "coarse_label": tfds.features.ClassLabel(num_classes=20),
+                }),
+                supervised_keys=("image", "label"))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples("train", num_train, 0),
+                    "test": self._generate_examples("test", num_test, 1)}
+
+        def _generate_examples(self, split, n, part):
+            rng = np.random.default_rng((seed, 100 + part))
+            colours = np.random.default_rng((seed, 100)).uniform(40, 215, (100, 3))
+            for i in range(n):
+                label = int(rng.integers(100))
+                img = colours[label] + rng.normal(0, 30, (32, 32, 3))
+                yield f"{split}_{i}", {
+                    "id": f"{split}_{i:05d}",
+                    "image": Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)),
+                    "label": label,
+                    "coarse_label": label // 5,
+                }
+
+    return _prepare(TinyCifar100, data_dir)
+
+
 def write_tiny_celeb_a(data_dir, *, num_train: int = 64, num_validation: int = 32,
                        num_test: int = 32, shape: tuple[int, int, int] = CELEB_A_SHAPE,
                        seed: int = 0) -> str:
@@ -142,8 +183,9 @@ def write_tiny_celeb_a(data_dir, *, num_train: int = 64, num_validation: int = 3
 
 
 def write_tiny_tfds(data_dir, *, seed: int = 0, celeb_a_shape=CELEB_A_SHAPE) -> str:
-    """Both tiny datasets, default sizes, into one TFDS ``data_dir``."""
+    """All tiny datasets (cifar10, cifar100, celeb_a), default sizes, into one TFDS ``data_dir``."""
     write_tiny_cifar10(data_dir, seed=seed)
+    write_tiny_cifar100(data_dir, seed=seed)
     write_tiny_celeb_a(data_dir, seed=seed, shape=celeb_a_shape)
     return os.fspath(data_dir)
 
