@@ -6,6 +6,13 @@ newest complete one. Restoring always goes through an abstract target built from
 (``ocp.utils.to_shape_dtype_struct``), so optax NamedTuples come back as NamedTuples, and a
 checkpoint whose tree structure, shapes or dtypes differ from the template is refused with an
 error that names the first mismatching leaf.
+
+A checkpoint can also carry a JSON-able dict next to the tree (``metadata``: the loop's history so
+far, the streaming input's iterator state ``{"epoch", "step"}`` of
+:class:`jaxunlearn.data.streaming.StreamingLoader`, ...):
+both are items of one Orbax composite checkpoint (``default``: the tree, ``data_iterator``: the
+JSON), committed together, so a restored train state always comes with the iterator position it
+was saved at.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ class Checkpointer:
     """
 
     SIGNATURE = "signature.json"
+    TREE = "default"  # the item name Orbax gives a single-item checkpoint (older checkpoints)
+    DATA = "data_iterator"
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
         self.directory = os.path.abspath(os.fspath(directory))
@@ -51,42 +60,33 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                 enable_async_checkpointing=False),
+            item_handlers={self.TREE: ocp.StandardCheckpointHandler(),
+                           self.DATA: ocp.JsonCheckpointHandler()},
         )
 
     def save(self, step: int, tree: Any, *, metadata: dict | None = None) -> None:
-        """Save ``tree`` as checkpoint ``step`` and wait until it is on disk.
+        """Save ``tree`` (and ``metadata``) as checkpoint ``step``; wait until it is on disk.
 
-        ``metadata`` (JSON-able, e.g. the training history so far) is written next to it and read
-        back by :meth:`metadata`.
+        Args:
+          step: checkpoint number.
+          tree: the pytree (train state, method state, ...).
+          metadata: optional JSON-able dict saved in the same checkpoint, e.g. a data
+            iterator's state (:meth:`metadata`).
         """
-        self._manager.save(int(step), args=ocp.args.StandardSave(tree), force=True)
-        self._manager.wait_until_finished()
+        items = {self.TREE: ocp.args.StandardSave(tree)}
         if metadata is not None:
-            path = self._metadata_path(step)
-            with open(path + ".tmp", "w") as f:
-                json.dump(metadata, f)
-            os.replace(path + ".tmp", path)
-        kept = {int(s) for s in self._manager.all_steps()}
-        for name in os.listdir(self.directory):
-            if name.startswith("metadata-") and name.endswith(".json") \
-                    and int(name[len("metadata-"):-len(".json")]) not in kept:
-                os.remove(os.path.join(self.directory, name))
+            try:
+                json.dumps(metadata)
+            except TypeError as e:
+                raise ValueError(f"metadata must be a JSON-able dict, got {metadata!r}: {e}") from e
+            items[self.DATA] = ocp.args.JsonSave(dict(metadata))
+        self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+        self._manager.wait_until_finished()
         sig_path = os.path.join(self.directory, self.SIGNATURE)
         tmp = sig_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(tree_signature(tree), f, indent=1, sort_keys=True)
         os.replace(tmp, sig_path)
-
-    def _metadata_path(self, step: int) -> str:
-        return os.path.join(self.directory, f"metadata-{int(step)}.json")
-
-    def metadata(self, step: int) -> dict:
-        """The metadata saved with checkpoint ``step`` ({} if none)."""
-        path = self._metadata_path(step)
-        if not os.path.exists(path):
-            return {}
-        with open(path) as f:
-            return json.load(f)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -96,11 +96,24 @@ class Checkpointer:
         self._check_signature(template)
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
         try:
-            return self._manager.restore(int(step), args=ocp.args.StandardRestore(abstract))
+            restored = self._manager.restore(
+                int(step), args=ocp.args.Composite(**{self.TREE: ocp.args.StandardRestore(abstract)}))
+            return restored[self.TREE]
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointMismatchError(
                 f"checkpoint {step} in {self.directory} does not match the model/state it is "
                 f"restored into: {e}") from e
+
+    def metadata(self, step: int) -> dict | None:
+        """The ``metadata`` saved with checkpoint ``step``, or None if it was saved without."""
+        if int(step) not in self._manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint {step} in {self.directory}")
+        try:
+            restored = self._manager.restore(
+                int(step), args=ocp.args.Composite(**{self.DATA: ocp.args.JsonRestore()}))
+        except KeyError:  # saved without metadata
+            return None
+        return dict(restored[self.DATA])
 
     def restore_latest(self, template: Any) -> tuple[int, Any] | None:
         """``(step, tree)`` of the newest checkpoint, or None if there is none."""

@@ -347,8 +347,7 @@ def run(method: Method | Program, variables, sets: Mapping[str, Mapping], *, epo
         if restored is not None:
             start, tree = restored
             variables, state = tree["variables"], tree["state"]
-            history = list(checkpoints.metadata(start).get("history", [])) \
-                if hasattr(checkpoints, "metadata") else []
+            history = list((checkpoints.metadata(start) or {}).get("history", []))
     if mesh is not None:
         variables, state = jax.device_put((variables, state), NamedSharding(mesh, P()))
     # the epoch donates its inputs: copies keep the caller's arrays (and any aliased shard) valid

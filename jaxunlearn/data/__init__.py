@@ -4,7 +4,8 @@ Modules: :mod:`dataset` (the split contract, :class:`Dataset`, errors), :mod:`sp
 splits, standardiser), :mod:`tabular` (Adult, German credit, Bank), :mod:`images` (digits,
 Waterbirds, FairFace), :mod:`tfds_loaders` (CIFAR-10/100, CelebA, Civil Comments via
 ``tfds.data_source``), :mod:`forget` (forget-set builders, forget/retain splits, weights),
-:mod:`batching` (weighted, padded batches).
+:mod:`batching` (weighted, padded batches), :mod:`streaming` (the same batches read from disk
+with grain, for data larger than memory; multi-host).
 """
 
 from jaxunlearn.data.batching import (batch_plan, gather_batch, iterate_batches, num_batches,
@@ -50,7 +51,17 @@ from jaxunlearn.data.splits import (
     take,
 )
 from jaxunlearn.data.tabular import load_adult, load_bank, load_german
+from jaxunlearn.data.streaming import (
+    StreamingLoader,
+    StreamingSource,
+    global_batch,
+    process_slice,
+    tfds_streaming_source,
+)
 from jaxunlearn.data.tfds_loaders import (
+    ImageRecord,
+    celeb_a_record,
+    cifar_record,
     hash_text_features,
     load_celeb_a,
     load_cifar10,

@@ -17,6 +17,8 @@ official validation or test split for val/test).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 import re
 import zlib
@@ -35,6 +37,9 @@ __all__ = [
     "load_celeb_a",
     "load_civil_comments",
     "hash_text_features",
+    "ImageRecord",
+    "cifar_record",
+    "celeb_a_record",
     "CIVIL_COMMENTS_IDENTITIES",
 ]
 
@@ -133,6 +138,44 @@ def _label_names(source, key: str, num: int) -> tuple[str, ...]:
     return names if len(names) == num else tuple(str(i) for i in range(num))
 
 
+# ----------------------------------------------------------------------------- records
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+    """Converts one TFDS image record into a sample ``(x, y, group)`` (shared by the in-memory
+    loaders and :mod:`jaxunlearn.data.streaming`).
+
+    Attributes:
+      image: ``uint8 [H, W, C] -> float32 [H', W', C]`` in [0, 1].
+      labels: ``record -> (y, group)``; reads no image, so it also works on records whose image
+        was left undecoded (``tfds.decode.SkipDecoding``).
+    """
+
+    image: Callable[[np.ndarray], np.ndarray]
+    labels: Callable[[dict], tuple[int, int]]
+
+    def __call__(self, ex: dict) -> tuple[np.ndarray, int, int]:
+        return (self.image(np.asarray(ex["image"])), *self.labels(ex))
+
+
+def _unit_float(image: np.ndarray) -> np.ndarray:
+    return np.asarray(image, np.float32) / 255.0
+
+
+def cifar_record(label_key: str = "label") -> ImageRecord:
+    """CIFAR records: ``x`` = image / 255 (float32 [32, 32, 3]), ``y = record[label_key]``, group 0."""
+    return ImageRecord(image=_unit_float, labels=lambda ex: (int(ex[label_key]), 0))
+
+
+def celeb_a_record(target: str, sensitive: str, *, size: int,
+                   crop_fraction: float | None = None) -> ImageRecord:
+    """CelebA records: ``x`` = :func:`~jaxunlearn.data.images.resize_image` (size, crop_fraction),
+    ``y = attributes[target]``, ``group = attributes[sensitive]`` (see :func:`load_celeb_a`)."""
+    return ImageRecord(
+        image=functools.partial(resize_image, size=size, crop_fraction=crop_fraction),
+        labels=lambda ex: (int(ex["attributes"][target]), int(ex["attributes"][sensitive])))
+
+
 # ----------------------------------------------------------------------------- CIFAR
 
 def _cifar(name: str, label_key: str, num_classes: int, *, data_dir, validation, max_examples,
@@ -140,10 +183,7 @@ def _cifar(name: str, label_key: str, num_classes: int, *, data_dir, validation,
     plan = _plan(name, validation=validation, has_official_val=False, data_dir=data_dir,
                  download=download, max_examples=max_examples, seed=seed)
 
-    def convert(ex):
-        return np.asarray(ex["image"], np.float32) / 255.0, int(ex[label_key]), 0
-
-    return _build(name, plan, convert, chunk_size=chunk_size, progress=progress,
+    return _build(name, plan, cifar_record(label_key), chunk_size=chunk_size, progress=progress,
                   num_classes=num_classes, num_groups=1,
                   class_names=_label_names(plan["train"][0], label_key, num_classes),
                   group_names=("all",),
@@ -215,11 +255,8 @@ def load_celeb_a(*, size: int, target: str = "Blond_Hair", sensitive: str = "Mal
     if target == sensitive:
         raise DataError(f"celeb_a: target and sensitive attribute are both {target!r}")
 
-    def convert(ex):
-        x = resize_image(np.asarray(ex["image"]), size, crop_fraction=crop_fraction)
-        return x, int(ex["attributes"][target]), int(ex["attributes"][sensitive])
-
-    return _build("celeb_a", plan, convert, chunk_size=chunk_size, progress=progress,
+    return _build("celeb_a", plan, celeb_a_record(target, sensitive, size=size,
+                                                  crop_fraction=crop_fraction), chunk_size=chunk_size, progress=progress,
                   num_classes=2, num_groups=2, class_names=(f"not {target}", target),
                   group_names=(f"not {sensitive}", sensitive),
                   info={"target": target, "sensitive": sensitive, "size": size,
