@@ -51,6 +51,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxunlearn.data.batching import batch_plan, gather_batch, num_batches, resample_plan, split_size
+from jaxunlearn.data.streaming import StreamingSource, global_batch
 from jaxunlearn.methods.base import Method, MethodState
 from jaxunlearn.progress import progress_bar
 
@@ -64,13 +65,15 @@ class Program(NamedTuple):
 
     Attributes:
       method: the :class:`~jaxunlearn.methods.Method`.
-      epoch: the jitted ``epoch(variables, state, data, plan, epoch, key)``.
+      epoch: the jitted ``epoch(variables, state, data, plan, epoch, key)`` (in-memory sets).
+      step: the jitted ``step(variables, state, batches, key)`` (streamed sets: one update a call).
       mesh: the mesh it runs on, or None (one device).
       axis: the data axis of ``mesh``.
     """
 
     method: Method
     epoch: Callable
+    step: Callable
     mesh: Mesh | None
     axis: str | None
 
@@ -89,8 +92,8 @@ def set_weight(split: Mapping, name: str) -> np.ndarray:
     Raises:
       ValueError: a forget set without weights, weights of the wrong length, NaN or inf.
     """
-    n = split_size(split)
-    w = split.get("weight")
+    n = len(_source(split)) if _source(split) is not None else split_size(split)
+    w = None if isinstance(split, StreamingSource) else split.get("weight")
     if w is None:
         if name == "forget":
             raise ValueError(
@@ -106,6 +109,16 @@ def set_weight(split: Mapping, name: str) -> np.ndarray:
     if not np.any(w):
         raise ValueError(f"every sample of the {name} set has weight 0: the {name} set is empty")
     return w
+
+
+def _source(split) -> StreamingSource | None:
+    """The :class:`~jaxunlearn.data.StreamingSource` of a streamed set (a source, or
+    ``{"source": source, "weight": w}``), else None."""
+    if isinstance(split, StreamingSource):
+        return split
+    if isinstance(split, Mapping) and isinstance(split.get("source"), StreamingSource):
+        return split["source"]
+    return None
 
 
 def _bucket(k: int) -> int:
@@ -212,6 +225,16 @@ def _make_epoch(method: Method, mesh: Mesh | None, axis: str | None):
     return epoch_fn
 
 
+def _make_step(method: Method, mesh: Mesh | None, axis: str | None):
+    update = method.update
+
+    def step_fn(variables, state, batches, key):
+        batches = {name: _constrain(b, mesh, axis) for name, b in batches.items()}
+        return update(variables, state, batches, jax.random.fold_in(key, state.step))
+
+    return step_fn
+
+
 def _data_axis(mesh: Mesh | None, axis: str | None) -> str | None:
     if mesh is None:
         return None
@@ -229,7 +252,8 @@ def compile(method: Method, *, mesh: Mesh | None = None, axis: str | None = None
     if not isinstance(method, Method):
         raise ValueError(f"expected a jaxunlearn.methods.Method, got {type(method).__name__}")
     axis = _data_axis(mesh, axis)
-    return Program(method, jax.jit(_make_epoch(method, mesh, axis), donate_argnums=(0, 1)), mesh, axis)
+    return Program(method, jax.jit(_make_epoch(method, mesh, axis), donate_argnums=(0, 1)),
+                   jax.jit(_make_step(method, mesh, axis), donate_argnums=(0, 1)), mesh, axis)
 
 
 def _device_sets(sets: Mapping[str, Mapping], uses, mesh: Mesh | None) -> dict:
@@ -275,13 +299,16 @@ def _widths(method: Method, batch_sizes: dict, primary: str, n_dev: int) -> dict
 def run(method: Method | Program, variables, sets: Mapping[str, Mapping], *, epochs: int = 1,
         batch_size: int | None = None, key: jax.Array, batch_sizes: Mapping[str, int] | None = None,
         sampling=None, state: MethodState | None = None, checkpoints=None,
-        mesh: Mesh | None = None, progress: bool = True, desc: str | None = None):
+        checkpoint_every: int | None = None, mesh: Mesh | None = None, progress: bool = True,
+        desc: str | None = None):
     """Run a method: ``epochs`` passes over its sets, or its single update if it is one-shot.
 
     Args:
       method: a :class:`~jaxunlearn.methods.Method` or a :class:`Program` from :func:`compile`.
       variables: the model's variables ``{"params": ..., ...}`` (fresh ones for training).
-      sets: ``{name: {"x", "y", ("weight", "group", "index")}}`` with every set the method reads.
+      sets: ``{name: {"x", "y", ("weight", "group", "index")}}`` with every set the method reads;
+        a set too large for memory is a :class:`~jaxunlearn.data.StreamingSource` (or
+        ``{"source": source, "weight": w}``) and is read from disk batch by batch.
       epochs: number of epochs (one-shot methods: ignored).
       batch_size: batch size of every set (one-shot methods: ignored).
       key: PRNG key; epoch e's plan is drawn from ``fold_in(key, e)`` and each update gets
@@ -291,6 +318,8 @@ def run(method: Method | Program, variables, sets: Mapping[str, Mapping], *, epo
       sampling: optional [n] sampling weights of the primary set (module docstring).
       state: a method state to continue from (default ``method.init(variables)``).
       checkpoints: optional :class:`jaxunlearn.checkpoint.Checkpointer` (module docstring).
+      checkpoint_every: with streamed sets, also checkpoint every this many steps inside an epoch
+        (an interrupted epoch then resumes at the next batch).
       mesh: optional device mesh for data-parallel runs (a :class:`Program` brings its own).
       progress: show a progress bar over epochs.
       desc: progress-bar label (default: the method's name).
@@ -336,22 +365,34 @@ def run(method: Method | Program, variables, sets: Mapping[str, Mapping], *, epo
                              f"{weights[primary].size} samples")
     widths = _widths(method, sizes, primary, n_dev)
 
-    data = _device_sets(sets, method.uses, mesh)
+    streamed = [name for name in method.uses if _source(sets[name]) is not None]
+    data = None if streamed else _device_sets(sets, method.uses, mesh)
     state = method.init(variables) if state is None else state
     if not isinstance(state, MethodState):
         raise ValueError(f"{method.name}: init must return a jaxunlearn.methods.MethodState, "
                          f"got {type(state).__name__}")
-    history, start = [], 0
+    history, start, start_step, partial = [], 0, 0, []
     if checkpoints is not None:
         restored = checkpoints.restore_latest({"variables": variables, "state": state})
         if restored is not None:
-            start, tree = restored
+            _, tree = restored
             variables, state = tree["variables"], tree["state"]
-            history = list((checkpoints.metadata(start) or {}).get("history", []))
+            meta = checkpoints.metadata(checkpoints.latest_step()) or {}
+            history = list(meta.get("history", []))
+            start, start_step = int(meta.get("epoch", len(history))), int(meta.get("step", 0))
+            partial = list(meta.get("partial", []))
     if mesh is not None:
         variables, state = jax.device_put((variables, state), NamedSharding(mesh, P()))
     # the epoch donates its inputs: copies keep the caller's arrays (and any aliased shard) valid
     variables, state = jax.tree.map(jnp.copy, (variables, state))
+
+    def save(e, step, partial=()):
+        # checkpoint numbers increase through the run: epochs done, or with streamed sets (which
+        # also checkpoint inside an epoch) the position (epoch, step) as one number
+        number = e * (max_steps + 1) + step if streamed else e
+        checkpoints.save(number, {"variables": variables, "state": state},
+                         metadata={"history": history, "epoch": e, "step": step,
+                                   "partial": list(partial)})
 
     bar = progress_bar(range(start, epochs), desc=desc or method.name, enabled=progress,
                        initial=start, total=epochs)
@@ -366,8 +407,23 @@ def run(method: Method | Program, variables, sets: Mapping[str, Mapping], *, epo
             steps = plan[f"{primary}_pass"].shape[0]
         plan = _pad_plan(plan, method.uses, max(max_steps, steps), widths)
         active = plan["active"]
-        variables, state, metrics = program.epoch(variables, state, data, plan, jnp.int32(e),
-                                                  jax.random.fold_in(ekey, 1))
+        if streamed:
+            state = state._replace(epoch=jnp.int32(e))
+            first = start_step if e == start else 0
+            rows = partial if e == start else []
+            batches = _stream(sets, method.uses, plan, first, steps, mesh, program.axis)
+            for t in range(first, steps):
+                variables, state, m = program.step(variables, state, next(batches),
+                                                   jax.random.fold_in(ekey, 1))
+                rows.append({k: float(v) for k, v in m.items()})
+                if checkpoints is not None and checkpoint_every and (t + 1) % checkpoint_every == 0 \
+                        and t + 1 < steps:
+                    save(e, t + 1, rows)
+            metrics = {k: np.asarray([r[k] for r in rows]) for k in (rows[0] if rows else {})}
+            active = np.ones(len(rows), bool)
+        else:
+            variables, state, metrics = program.epoch(variables, state, data, plan, jnp.int32(e),
+                                                      jax.random.fold_in(ekey, 1))
         row = {"epoch": e + 1, **{k: float(np.mean(np.asarray(v)[active])) for k, v in metrics.items()}}
         if "loss" in row and not np.isfinite(row["loss"]):
             raise FloatingPointError(f"{method.name} diverged: loss is {row['loss']} in epoch {e + 1}")
@@ -376,6 +432,28 @@ def run(method: Method | Program, variables, sets: Mapping[str, Mapping], *, epo
         if hasattr(bar, "set_postfix") and "loss" in row:
             bar.set_postfix(loss=f"{row['loss']:.4f}")
         if checkpoints is not None:
-            checkpoints.save(e + 1, {"variables": variables, "state": state},
-                             metadata={"history": history})
+            save(e + 1, 0)
     return variables, state, history
+
+
+def _stream(sets, uses, plan: dict, first: int, steps: int, mesh: Mesh | None, axis: str | None):
+    """Yield the batches of plan rows ``first .. steps - 1`` (streamed sets read from disk, in-memory
+    ones gathered on the host), each process's slice assembled into global arrays on ``mesh``."""
+    readers = {}
+    for name in uses:
+        idx, w = plan[f"{name}_index"][:steps], plan[f"{name}_weight"][:steps]
+        src = _source(sets[name])
+        if src is not None:
+            readers[name] = src.batches(idx, w, start=first)
+        else:
+            cols = {k: np.asarray(sets[name][k]) for k in DATA_KEYS if sets[name].get(k) is not None}
+            readers[name] = (gather_batch(cols, idx[t], w[t]) for t in range(first, steps))
+    sharding = NamedSharding(mesh, P(axis)) if mesh is not None else None
+    for t in range(first, steps):
+        batches = {}
+        for name in uses:
+            b = dict(next(readers[name]))
+            b["pass"] = np.full(b["weight"].shape, plan[f"{name}_pass"][t], np.int32)
+            batches[name] = global_batch(b, sharding) if sharding is not None else \
+                {k: jnp.asarray(v) for k, v in b.items()}
+        yield batches

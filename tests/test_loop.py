@@ -253,3 +253,57 @@ def test_mesh_run_equals_single_device():
     r1, r8 = ev1(V1, {"x": X, "y": Y})["acc"], ev8(V1, {"x": X, "y": Y})["acc"]
     assert r1["n"] == r8["n"] == N and r1["accuracy"] == r8["accuracy"]
     np.testing.assert_allclose(r1["loss"], r8["loss"], rtol=1e-6)
+
+
+def _source(x, y):
+    """A streamed set over in-memory records (the loop reads it batch by batch, as from disk)."""
+    records = [{"x": x[i], "y": int(y[i])} for i in range(len(y))]
+    return data.StreamingSource(records, lambda r: (r["x"], r["y"], 0), name="toy")
+
+
+def test_streamed_sets_equal_in_memory_and_resume_inside_an_epoch(tmp_path):
+    eps = weights.removal_eps(N, [0, 3, 5, 9, 12])
+    mem = weights.unlearning_sets({"x": X, "y": Y}, eps)
+    src = _source(X, Y)
+    streamed = {"forget": {"source": src, "weight": mem["forget"]["weight"]},
+                "retain": {"source": src, "weight": mem["retain"]["weight"]}}
+    method = M.neggrad_plus(APPLY, optimizer=optax.adam(0.05))
+    kw = dict(epochs=3, batch_size=4, batch_sizes={"forget": 2}, key=jax.random.key(1), progress=False)
+    a, _, ha = loop.run(method, V1, mem, **kw)
+    program = loop.compile(method)
+    b, _, hb = loop.run(program, V1, streamed, **kw)
+    _close(a, b, atol=1e-6)
+    np.testing.assert_allclose([h["loss"] for h in ha], [h["loss"] for h in hb], rtol=1e-5)
+
+    class Interrupt(Exception):
+        pass
+
+    class Dying(checkpoint.Checkpointer):
+        saves = 0
+
+        def save(self, *args, **kwargs):
+            super().save(*args, **kwargs)
+            Dying.saves += 1
+            if Dying.saves == 3:          # killed after the 3rd checkpoint, inside epoch 2
+                raise Interrupt
+
+    with pytest.raises(Interrupt):
+        loop.run(program, V1, streamed, checkpoints=Dying(tmp_path / "ck"), checkpoint_every=2, **kw)
+    meta = checkpoint.Checkpointer(tmp_path / "ck").metadata(
+        checkpoint.Checkpointer(tmp_path / "ck").latest_step())
+    assert meta["step"] > 0                                          # stopped inside an epoch
+    c, _, hc = loop.run(program, V1, streamed, checkpoints=checkpoint.Checkpointer(tmp_path / "ck"),
+                        checkpoint_every=2, **kw)
+    for u, v in zip(jax.tree.leaves(b), jax.tree.leaves(c)):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    np.testing.assert_allclose([h["loss"] for h in hc], [h["loss"] for h in hb], rtol=1e-6)
+
+
+def test_streamed_run_on_a_mesh_equals_single_device():
+    mesh = sharding.data_mesh()
+    src = _source(X, Y)
+    trainer = M.train(APPLY, optax.sgd(0.1), l2=0.01)
+    kw = dict(epochs=2, batch_size=8, key=jax.random.key(2), progress=False)
+    one, _, _ = loop.run(trainer, V0, {"train": {"x": X, "y": Y}}, **kw)
+    many, _, _ = loop.run(trainer, V0, {"train": src}, mesh=mesh, **kw)
+    _close(one, many, atol=1e-6)

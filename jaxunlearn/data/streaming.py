@@ -19,7 +19,7 @@ How it works:
   ``MapDataset`` (one element per batch; ``num_threads`` reader threads, ``prefetch`` batches
   ahead) and yields ``{"x": [b, ...], "y": [b], "weight": [b], "group": [b], "index": [b]}``,
   equal to ``gather_batch(in_memory_split, index[s], weight[s])``.
-* :class:`StreamingLoader` runs epochs with train.fit's plan convention (epoch e's plan from
+* :class:`StreamingLoader` runs epochs with the loop's plan convention (epoch e's plan from
   ``fold_in(fold_in(key, e), 0)``, or any ``plan_fn(epoch)``) and keeps an iterator state
   ``{"epoch", "step"}`` (the next batch to yield). Save it in the checkpoint next to the train
   state (``Checkpointer.save(step, state, metadata=loader.state)``) and
@@ -226,7 +226,7 @@ class StreamingSource:
 class StreamingLoader:
     """Epochs of padded batches of a :class:`StreamingSource` with a resumable iterator state.
 
-    Epoch e's plan is ``plan_fn(e)`` if given, else train.fit's convention
+    Epoch e's plan is ``plan_fn(e)`` if given, else the loop's convention (:func:`jaxunlearn.loop.run`)
     ``batch_plan(len(source), batch_size, key=fold_in(fold_in(key, e), 0), weight=weight)`` (so
     both paths shuffle identically). :attr:`state` ``{"epoch", "step"}`` names the next batch to
     yield; it is advanced as each batch is handed out, so saved after the train step that consumed
