@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxunlearn import losses
+from jaxunlearn import subsets
 from jaxunlearn.methods import base
 
 __all__ = ["influence_unlearning"]
@@ -92,7 +93,7 @@ def influence_unlearning(apply_fn, inverse_hvp: Callable[..., Any], *, num_train
         raise ValueError(f"num_train must be positive, got {num_train}")
     if chunk_size is not None and int(chunk_size) <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    subset = base.resolve_trainable(trainable)
+    subset = subsets.resolve(trainable)
     if subset is not None and subset.masks:
         raise ValueError("influence_unlearning takes a per-leaf trainable mask, not per-element masks")
     n = float(num_train)
@@ -105,22 +106,22 @@ def influence_unlearning(apply_fn, inverse_hvp: Callable[..., Any], *, num_train
         del key
         fb = base.require(batches, "forget", "IF")
         params, model_state = base.split_model_state(variables)
-        leaves = base.take(params, subset)
+        leaves = subsets.take(params, subset)
 
         def objective(train_leaves, chunk):
-            p = base.put(params, subset, train_leaves)
+            p = subsets.put(params, subset, train_leaves)
             logits, _ = apply_fn({"params": p, **model_state}, chunk["x"], train=False)
             return jnp.sum(chunk["weight"] * loss_fn(logits, chunk["y"]))
 
         g = _chunked_weighted_grad(objective, leaves, {"x": fb["x"], "y": fb["y"],
                                                        "weight": fb["weight"]}, chunk_size)
         zeros = jax.tree.map(jnp.zeros_like, params)
-        v = base.put(zeros, subset, g)
+        v = subsets.put(zeros, subset, g)
         h = inverse_hvp(v) if operands is None else inverse_hvp(v, state.extra["operands"])
         if jax.tree.structure(h) != jax.tree.structure(params):
             raise ValueError("inverse_hvp must return a pytree with the structure of variables['params']")
-        step = [-hl / n for hl in base.take(h, subset)]
-        params = base.put(params, subset, [p + s.astype(p.dtype) for p, s in zip(leaves, step)])
+        step = [-hl / n for hl in subsets.take(h, subset)]
+        params = subsets.put(params, subset, [p + s.astype(p.dtype) for p, s in zip(leaves, step)])
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(s)) for s in step))
         return {"params": params, **model_state}, state._replace(step=state.step + 1), \
             {"loss": jnp.zeros(()), "step_norm": norm}
