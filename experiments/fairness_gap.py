@@ -39,6 +39,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import time
 import zlib
 
@@ -48,7 +49,7 @@ import numpy as np
 import optax
 
 from experiments import common
-from jaxunlearn import attacks, checkpoint, data, methods, metrics, models, train
+from jaxunlearn import attacks, checkpoint, data, evaluation, loop, methods, metrics, models
 from jaxunlearn.methods import base
 from jaxunlearn.methods.fairness_gap_penalty import with_fairness_gap_penalty
 
@@ -366,16 +367,6 @@ def init_variables(model: models.Model, key, sample_x) -> dict:
     return dict(jax.jit(model.init)(key, jnp.asarray(sample_x)))
 
 
-HISTORY = "history.json"  # per-epoch history kept next to the checkpoints (timing of resumed runs)
-
-
-def merge_history(earlier: list[dict], new: list[dict], epochs: int) -> list[dict]:
-    """The epochs of earlier runs that this run did not redo, followed by this run's epochs
-    (``fit`` resumes after the last checkpointed epoch; all of them when it had nothing to do)."""
-    first = new[0]["epoch"] if new else epochs + 1
-    return [h for h in earlier if h["epoch"] < first] + list(new)
-
-
 def train_model(model: models.Model, tcfg: dict, split: dict, *, key, ckpt_dir: str | None,
                 progress: bool, desc: str):
     """Train from scratch with a recipe (cosine-decayed optimizer, L2 in the objective),
@@ -383,31 +374,22 @@ def train_model(model: models.Model, tcfg: dict, split: dict, *, key, ckpt_dir: 
 
     Returns:
       ``(variables, seconds, history, tx)``: ``history`` has one row per epoch, including the
-      epochs of earlier (interrupted) runs recorded in ``ckpt_dir/history.json``, and
+      epochs of earlier (interrupted) runs (kept with the checkpoints by :func:`loop.run`), and
       ``seconds`` is the sum of their epoch times (the first includes compilation).
     """
     steps = tcfg["epochs"] * data.num_batches(data.split_size(split), tcfg["batch_size"])
     tx = make_optimizer({**tcfg, "weight_decay": 0.0}, steps)
-    params, model_state = base.split_model_state(
-        init_variables(model, jax.random.fold_in(key, 0), split["x"][:1]))
-    state = train.TrainState(jnp.zeros((), jnp.int32), params, model_state, tx.init(params))
-    step = train.make_train_step(model.apply, tx, l2=tcfg["l2"])
+    variables = init_variables(model, jax.random.fold_in(key, 0), split["x"][:1])
     ck = checkpoint.Checkpointer(ckpt_dir) if ckpt_dir else None
-    earlier = []
-    if ckpt_dir and os.path.exists(os.path.join(ckpt_dir, HISTORY)):
-        with open(os.path.join(ckpt_dir, HISTORY)) as f:
-            earlier = json.load(f)
     try:
-        state, history = train.fit(state, step, split, batch_size=tcfg["batch_size"],
-                                   epochs=tcfg["epochs"], key=jax.random.fold_in(key, 1),
-                                   checkpoints=ck, progress=progress, desc=desc)
+        variables, _, history = loop.run(methods.train(model.apply, tx, l2=tcfg["l2"]), variables,
+                                         {"train": split}, batch_size=tcfg["batch_size"],
+                                         epochs=tcfg["epochs"], key=jax.random.fold_in(key, 1),
+                                         checkpoints=ck, progress=progress, desc=desc)
     finally:
         if ck is not None:
             ck.close()
-    history = merge_history(earlier, history, tcfg["epochs"])
-    if ckpt_dir:
-        common.write_json(os.path.join(ckpt_dir, HISTORY), history)
-    return state.variables, float(sum(h["seconds"] for h in history)), history, tx
+    return variables, float(sum(h["seconds"] for h in history)), history, tx
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -442,7 +424,8 @@ def evaluate_model(apply_fn, variables, splits: dict, *, num_classes: int, retai
     ``ecfg["batch_size"]``), so each evaluation function compiles once per model.
     """
     bs = min([ecfg["batch_size"]] + [data.split_size(s) for s in splits.values()])
-    acc = lambda s: train.evaluate(apply_fn, variables, splits[s], batch_size=bs)["accuracy"]
+    ev = evaluation.evaluator(apply_fn, {"acc": evaluation.accuracy()}, batch_size=bs)
+    acc = lambda s: ev(variables, splits[s])["acc"]["accuracy"]
     row = {"forget_acc": acc("forget"), "retain_acc": acc("retain"), "test_acc": acc("test_retain")}
     if "test_forget" in splits:
         row["test_forget_acc"] = acc("test_forget")
@@ -485,7 +468,7 @@ def _batch(split: dict, b: int, weight: float = 1.0) -> dict:
 def update_memory(method: base.Method, variables, state, splits: dict, *, batch_size: int,
                   forget_batch: int, key) -> dict:
     """:func:`compiled_memory` of one ``update`` of a method on batches of the run's sizes."""
-    batches = {"schedule": methods.schedule(0, 1, 0)}
+    batches = {}
     if "retain" in method.uses:
         batches["retain"] = _batch(splits["retain"], batch_size)
     if "forget" in method.uses:
@@ -528,7 +511,8 @@ def build_method(name: str, ctx: dict, trainable, k: int | None) -> tuple[base.M
     elif base_name == "GA":
         m = methods.gradient_ascent(apply_fn, optimizer=tx, trainable=trainable)
     elif base_name == "L1-sparse":
-        m = methods.l1_sparse(apply_fn, alpha=hp["alpha"], optimizer=tx, trainable=trainable)
+        m = methods.l1_sparse(apply_fn, epochs=int(hp.get("epochs", ucfg["epochs"])), alpha=hp["alpha"],
+                              optimizer=tx, trainable=trainable)
     else:
         raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
     if name.endswith(PENALTY_SUFFIX):
@@ -544,7 +528,7 @@ def build_method(name: str, ctx: dict, trainable, k: int | None) -> tuple[base.M
     bsz = ucfg["batch_size"]
     fb = forget_batch_size(hp.get("forget_batch", bsz), bsz, nf, nr)
     run_kw = {"epochs": int(hp.get("epochs", ucfg["epochs"])), "batch_size": bsz,
-              "forget_batch_size": fb}
+              "batch_sizes": {"forget": fb}}
     return m, {"trainable": trainable, **run_kw}, setup
 
 
@@ -577,11 +561,11 @@ def run_variant(name: str, k: int | None, ctx: dict) -> dict:
                        trainable_params=count_trainable(params),
                        opt_state_bytes=tree_bytes(jax.eval_shape(tx.init, params)))
             if name in ctx["memory_analysis"]:
-                p, ms = base.split_model_state(ctx["original"])
-                state = train.TrainState(jnp.zeros((), jnp.int32), p, ms, tx.init(p))
-                step = train.make_train_step(ctx["apply"], tx, l2=tcfg["l2"])
-                row.update(compiled_memory(step, state, _batch(ctx["splits"]["retain"],
-                                                               tcfg["batch_size"]), key))
+                trainer = methods.retrain(ctx["apply"], tx, l2=tcfg["l2"])
+                row.update(compiled_memory(trainer.update, ctx["original"],
+                                           trainer.init(ctx["original"]),
+                                           {"retain": _batch(ctx["splits"]["retain"],
+                                                             tcfg["batch_size"])}, key))
             return _finish(row, variables, ctx)
         # EU-k: re-initialise the last k blocks and retrain only them with the original recipe.
         steps = tcfg["epochs"] * data.num_batches(data.split_size(ctx["splits"]["retain"]),
@@ -591,15 +575,16 @@ def run_variant(name: str, k: int | None, ctx: dict) -> dict:
                                ctx["splits"]["retain"]["x"][:1])
         method = methods.eu_k(ctx["apply"], fresh, trainable, optimizer=tx)
         run_kw = {"epochs": tcfg["epochs"], "batch_size": tcfg["batch_size"],
-                  "forget_batch_size": None, "trainable": trainable}
+                  "batch_sizes": None, "trainable": trainable}
         setup = 0.0
     else:
         method, run_kw, setup = build_method(name, ctx, trainable, k)
     trainable = run_kw.pop("trainable")
     t0 = time.perf_counter()
-    variables, state, history = methods.run_method(
-        method, ctx["original"], ctx["splits"]["forget"], ctx["splits"]["retain"], key=key,
-        progress=ctx["progress"], **run_kw)
+    sets = {"forget": {**ctx["splits"]["forget"], "weight": ctx["forget_eps"]},
+            "retain": ctx["splits"]["retain"]}
+    variables, state, history = loop.run(method, ctx["original"], sets, key=key,
+                                         progress=ctx["progress"], **run_kw)
     seconds = time.perf_counter() - t0
     row.update(time_s=seconds + setup, setup_s=setup, epoch_s=_steady_epoch_seconds(history),
                epochs=run_kw["epochs"], trainable_params=count_trainable(params, trainable),
@@ -607,7 +592,7 @@ def run_variant(name: str, k: int | None, ctx: dict) -> dict:
     if name in ctx["memory_analysis"]:
         row.update(update_memory(method, ctx["original"], method.init(ctx["original"]),
                                  ctx["splits"], batch_size=run_kw["batch_size"],
-                                 forget_batch=run_kw["forget_batch_size"] or 1, key=key))
+                                 forget_batch=(run_kw["batch_sizes"] or {}).get("forget", 1), key=key))
     last = history[-1]
     if "fg_penalty" in last:
         row["fg_penalty_last_epoch"] = last["fg_penalty"]
@@ -669,7 +654,8 @@ def run_model(model_name: str, cfg: dict, ds: data.Dataset, *, out: str, seed: i
            "splits": splits, "num_classes": ds.num_classes, "retained": retained,
            "norm_order": norm_order, "eval": ecfg, "unlearn": cfg["unlearn"],
            "train_cfg": mcfg["train"], "model_cfg": mcfg, "key": key, "out": out,
-           "progress": progress, "memory_analysis": cfg["memory_analysis"]}
+           "progress": progress, "memory_analysis": cfg["memory_analysis"],
+           "forget_eps": -np.ones(data.split_size(splits["forget"]), np.float32)}
     # A method's own hyperparameters (overrides included) enter its row's key below.
     model_fp = {k: v for k, v in mcfg.items() if k != "unlearn_overrides"}
     base_fp = {"version": ROWS_VERSION, "model": model_fp, "data": cfg["data"],
@@ -930,8 +916,11 @@ def _extra_flags(p):
 
 
 def main(argv=None) -> dict:
-    args = common.parse_args(__doc__.splitlines()[0], presets=tuple(PRESETS),
-                             default_out="runs/fairness_gap", extra=_extra_flags, argv=argv)
+    args = common.parse_preset_args(__doc__.splitlines()[0], presets=tuple(PRESETS),
+                                    default_out="runs/fairness_gap", extra=_extra_flags, argv=argv)
+    if args.fresh:
+        for sub in ("rows", "checkpoints"):
+            shutil.rmtree(os.path.join(args.out, sub), ignore_errors=True)
     cfg = resolve_config(args.preset, args.data_dir)
     if args.models:
         want = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -534,10 +534,13 @@ def run_study(cfg: Config, *, out: str, preset: str = "custom", data_dir: str | 
 def main(argv=None) -> dict:
     def extra(p):
         p.add_argument("--data-dir", default=None, help="directory of a non-embedded dataset")
+        p.add_argument("--seeds", type=int, default=None, help="short for --set seeds=N")
 
     args, cfg, name = common.parse_args(__doc__.splitlines()[0], driver="soft_weighted",
                                         config_cls=Config, default_out="runs/soft_weighted",
                                         extra=extra, argv=argv)
+    if args.seeds is not None:
+        cfg = dataclasses.replace(cfg, seeds=args.seeds)
     return run_study(cfg, out=args.out, preset=name, data_dir=args.data_dir, seed=args.seed,
                      progress=not args.no_progress, fresh=args.fresh)
 
