@@ -478,6 +478,31 @@ def update_memory(method: base.Method, variables, state, splits: dict, *, batch_
 
 # ----------------------------------------------------------------------------- methods
 
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every method run of one model shares (:func:`run_model` builds it)."""
+
+    model: models.Model
+    model_name: str
+    original: dict          # the original model's variables
+    splits: dict            # class_splits(...): forget, retain, val_retain, test_retain, ...
+    num_classes: int
+    retained: list          # the retained classes
+    norm_order: list        # normalisation layers in call order
+    eval: dict              # the preset's "eval" block
+    unlearn: dict           # the preset's "unlearn" block
+    train_cfg: dict         # the model's original-training recipe
+    model_cfg: dict
+    key: jax.Array
+    out: str
+    progress: bool
+    memory_analysis: tuple  # methods whose compiled update memory is measured
+
+    @property
+    def apply(self):
+        return self.model.apply
+
+
 def method_hparams(ucfg: dict, mcfg: dict, method: str) -> dict:
     """A method's hyperparameters: the preset's, updated by the model's ``unlearn_overrides``."""
     if method not in ucfg["methods"]:
@@ -485,11 +510,11 @@ def method_hparams(ucfg: dict, mcfg: dict, method: str) -> dict:
     return {**ucfg["methods"][method], **mcfg.get("unlearn_overrides", {}).get(method, {})}
 
 
-def build_method(name: str, ctx: dict, trainable, k: int | None) -> tuple[base.Method, dict, float]:
+def build_method(name: str, ctx: "Context", trainable, k: int | None) -> tuple[base.Method, dict, float]:
     """``(method, run_kwargs, setup_seconds)`` for one method (not Retrain) and trainable mask."""
-    apply_fn, ucfg = ctx["apply"], ctx["unlearn"]
+    apply_fn, ucfg = ctx.apply, ctx.unlearn
     base_name = name[:-len(PENALTY_SUFFIX)] if name.endswith(PENALTY_SUFFIX) else name
-    hp = method_hparams(ucfg, ctx["model_cfg"], base_name)
+    hp = method_hparams(ucfg, ctx.model_cfg, base_name)
     tx = make_optimizer(hp)
     t0 = time.perf_counter()
     if base_name == "CF":
@@ -497,7 +522,7 @@ def build_method(name: str, ctx: dict, trainable, k: int | None) -> tuple[base.M
     elif base_name == "RL":
         m = methods.random_labels(apply_fn, optimizer=tx, trainable=trainable)
     elif base_name == "SalUn":
-        mask = methods.saliency_mask(apply_fn, ctx["original"], ctx["splits"]["forget"],
+        mask = methods.saliency_mask(apply_fn, ctx.original, ctx.splits["forget"],
                                      threshold=hp["threshold"], trainable=trainable)
         trainable = base.combine_masks(mask, trainable)
         m = methods.salun(apply_fn, mask, optimizer=tx)
@@ -518,13 +543,13 @@ def build_method(name: str, ctx: dict, trainable, k: int | None) -> tuple[base.M
     if name.endswith(PENALTY_SUFFIX):
         pcfg = ucfg["penalty"]
         m = with_fairness_gap_penalty(m, apply_fn, strength=pcfg["strength"],
-                                      num_classes=ctx["num_classes"],
+                                      num_classes=ctx.num_classes,
                                       optimizer=optax.sgd(pcfg["lr"]), trainable=trainable,
-                                      classes=ctx["retained"],
-                                      per_channel=ctx["eval"]["per_channel"],
+                                      classes=ctx.retained,
+                                      per_channel=ctx.eval["per_channel"],
                                       target=pcfg["target"])
     setup = time.perf_counter() - t0
-    nf, nr = (data.split_size(ctx["splits"][s]) for s in ("forget", "retain"))
+    nf, nr = (data.split_size(ctx.splits[s]) for s in ("forget", "retain"))
     bsz = ucfg["batch_size"]
     fb = forget_batch_size(hp.get("forget_batch", bsz), bsz, nf, nr)
     run_kw = {"epochs": int(hp.get("epochs", ucfg["epochs"])), "batch_size": bsz,
@@ -541,39 +566,39 @@ def _steady_epoch_seconds(history: list[dict]) -> float:
     return float(min(secs[1:] if len(secs) > 1 else secs))
 
 
-def run_variant(name: str, k: int | None, ctx: dict) -> dict:
+def run_variant(name: str, k: int | None, ctx: "Context") -> dict:
     """Run one method (full model, or the last k blocks) from the original model and evaluate."""
-    params = ctx["original"]["params"]
+    params = ctx.original["params"]
     trainable = None if k is None else models.last_k_mask(params, k)
     # X+FGP shares X's key (random labels, batch order): the pair differs only by the penalty.
     paired = name[:-len(PENALTY_SUFFIX)] if name.endswith(PENALTY_SUFFIX) else name
-    key = jax.random.fold_in(ctx["key"], zlib.crc32(variant_name(paired, k).encode()))
-    row = {"model": ctx["model_name"], "method": name, "scope": "full" if k is None else f"last{k}"}
+    key = jax.random.fold_in(ctx.key, zlib.crc32(variant_name(paired, k).encode()))
+    row = {"model": ctx.model_name, "method": name, "scope": "full" if k is None else f"last{k}"}
     if name == "Retrain":
-        tcfg = ctx["train_cfg"]
+        tcfg = ctx.train_cfg
         if k is None:
             variables, seconds, history, tx = train_model(
-                ctx["model"], tcfg, ctx["splits"]["retain"], key=key,
-                ckpt_dir=os.path.join(ctx["out"], "checkpoints", ctx["model_name"], "retrain"),
-                progress=ctx["progress"], desc=f"{ctx['model_name']} retrain")
+                ctx.model, tcfg, ctx.splits["retain"], key=key,
+                ckpt_dir=os.path.join(ctx.out, "checkpoints", ctx.model_name, "retrain"),
+                progress=ctx.progress, desc=f"{ctx.model_name} retrain")
             row.update(time_s=seconds, setup_s=0.0, epoch_s=_steady_epoch_seconds(history),
                        epochs=tcfg["epochs"], timed_epochs=len(history),
                        trainable_params=count_trainable(params),
                        opt_state_bytes=tree_bytes(jax.eval_shape(tx.init, params)))
-            if name in ctx["memory_analysis"]:
-                trainer = methods.retrain(ctx["apply"], tx, l2=tcfg["l2"])
-                row.update(compiled_memory(trainer.update, ctx["original"],
-                                           trainer.init(ctx["original"]),
-                                           {"retain": _batch(ctx["splits"]["retain"],
+            if name in ctx.memory_analysis:
+                trainer = methods.retrain(ctx.apply, tx, l2=tcfg["l2"])
+                row.update(compiled_memory(trainer.update, ctx.original,
+                                           trainer.init(ctx.original),
+                                           {"retain": _batch(ctx.splits["retain"],
                                                              tcfg["batch_size"])}, key))
             return _finish(row, variables, ctx)
         # EU-k: re-initialise the last k blocks and retrain only them with the original recipe.
-        steps = tcfg["epochs"] * data.num_batches(data.split_size(ctx["splits"]["retain"]),
+        steps = tcfg["epochs"] * data.num_batches(data.split_size(ctx.splits["retain"]),
                                                   tcfg["batch_size"])
         tx = make_optimizer({**tcfg, "weight_decay": tcfg["l2"]}, steps)
-        fresh = init_variables(ctx["model"], jax.random.fold_in(key, 99),
-                               ctx["splits"]["retain"]["x"][:1])
-        method = methods.eu_k(ctx["apply"], fresh, trainable, optimizer=tx)
+        fresh = init_variables(ctx.model, jax.random.fold_in(key, 99),
+                               ctx.splits["retain"]["x"][:1])
+        method = methods.eu_k(ctx.apply, fresh, trainable, optimizer=tx)
         run_kw = {"epochs": tcfg["epochs"], "batch_size": tcfg["batch_size"],
                   "batch_sizes": None, "trainable": trainable}
         setup = 0.0
@@ -581,17 +606,18 @@ def run_variant(name: str, k: int | None, ctx: dict) -> dict:
         method, run_kw, setup = build_method(name, ctx, trainable, k)
     trainable = run_kw.pop("trainable")
     t0 = time.perf_counter()
-    sets = {"forget": {**ctx["splits"]["forget"], "weight": ctx["forget_eps"]},
-            "retain": ctx["splits"]["retain"]}
-    variables, state, history = loop.run(method, ctx["original"], sets, key=key,
-                                         progress=ctx["progress"], **run_kw)
+    forget = ctx.splits["forget"]
+    sets = {"forget": {**forget, "weight": -np.ones(data.split_size(forget), np.float32)},
+            "retain": ctx.splits["retain"]}
+    variables, state, history = loop.run(method, ctx.original, sets, key=key,
+                                         progress=ctx.progress, **run_kw)
     seconds = time.perf_counter() - t0
     row.update(time_s=seconds + setup, setup_s=setup, epoch_s=_steady_epoch_seconds(history),
                epochs=run_kw["epochs"], trainable_params=count_trainable(params, trainable),
                opt_state_bytes=optimizer_state_bytes(state))
-    if name in ctx["memory_analysis"]:
-        row.update(update_memory(method, ctx["original"], method.init(ctx["original"]),
-                                 ctx["splits"], batch_size=run_kw["batch_size"],
+    if name in ctx.memory_analysis:
+        row.update(update_memory(method, ctx.original, method.init(ctx.original),
+                                 ctx.splits, batch_size=run_kw["batch_size"],
                                  forget_batch=(run_kw["batch_sizes"] or {}).get("forget", 1), key=key))
     last = history[-1]
     if "fg_penalty" in last:
@@ -599,11 +625,11 @@ def run_variant(name: str, k: int | None, ctx: dict) -> dict:
     return _finish(row, variables, ctx)
 
 
-def _finish(row: dict, variables, ctx: dict) -> dict:
-    row.update(evaluate_model(ctx["apply"], variables, ctx["splits"],
-                              num_classes=ctx["num_classes"], retained=ctx["retained"],
-                              norm_order=ctx["norm_order"],
-                              ecfg=ctx["eval"], key=jax.random.fold_in(ctx["key"], 7)))
+def _finish(row: dict, variables, ctx: "Context") -> dict:
+    row.update(evaluate_model(ctx.apply, variables, ctx.splits,
+                              num_classes=ctx.num_classes, retained=ctx.retained,
+                              norm_order=ctx.norm_order,
+                              ecfg=ctx.eval, key=jax.random.fold_in(ctx.key, 7)))
     return row
 
 
@@ -650,12 +676,10 @@ def run_model(model_name: str, cfg: dict, ds: data.Dataset, *, out: str, seed: i
         model, mcfg["train"], ds.train, key=key,
         ckpt_dir=os.path.join(out, "checkpoints", model_name, "original"), progress=progress,
         desc=f"{model_name} original")
-    ctx = {"model": model, "model_name": model_name, "apply": model.apply, "original": original,
-           "splits": splits, "num_classes": ds.num_classes, "retained": retained,
-           "norm_order": norm_order, "eval": ecfg, "unlearn": cfg["unlearn"],
-           "train_cfg": mcfg["train"], "model_cfg": mcfg, "key": key, "out": out,
-           "progress": progress, "memory_analysis": cfg["memory_analysis"],
-           "forget_eps": -np.ones(data.split_size(splits["forget"]), np.float32)}
+    ctx = Context(model=model, model_name=model_name, original=original, splits=splits,
+                  num_classes=ds.num_classes, retained=retained, norm_order=norm_order, eval=ecfg,
+                  unlearn=cfg["unlearn"], train_cfg=mcfg["train"], model_cfg=mcfg, key=key,
+                  out=out, progress=progress, memory_analysis=tuple(cfg["memory_analysis"]))
     # A method's own hyperparameters (overrides included) enter its row's key below.
     model_fp = {k: v for k, v in mcfg.items() if k != "unlearn_overrides"}
     base_fp = {"version": ROWS_VERSION, "model": model_fp, "data": cfg["data"],

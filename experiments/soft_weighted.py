@@ -219,6 +219,19 @@ def hard_sweep(problem, head, metric_scores, val_f, adv_val, task, fractions, to
 # ----------------------------------------------------------------------------- algorithms
 
 
+def if_method(head, problem) -> methods.Method:
+    """IF unlearning on the head with the exact inverse Hessian (a Cholesky factor, built once)."""
+    shape, fit_intercept = problem.data["W"].shape, "bias" in head
+
+    def inverse_hvp(v, L):
+        x = jax.scipy.linalg.cho_solve((L, True), last_layer.head_to_matrix(v).reshape(-1))
+        return last_layer.matrix_to_head(x.reshape(shape), fit_intercept=fit_intercept)
+
+    chol = jnp.linalg.cholesky(problem.hessian(problem.data))
+    return methods.influence_unlearning(last_layer.head_apply, inverse_hvp,
+                                        num_train=int(problem.normalizer), operands=chol)
+
+
 def build_methods(names, *, head, problem, cfg: Config, key) -> dict:
     """The weight-independent algorithms on the last layer, compiled once per cell.
 
@@ -227,40 +240,23 @@ def build_methods(names, *, head, problem, cfg: Config, key) -> dict:
     Fisher is weighted), so it is built per run by :func:`run_algorithm`.
     """
     apply_fn = last_layer.head_apply
-    opt = optax.adam(cfg.unlearn_lr)
-    slow = optax.adam(cfg.unlearn_lr / 10)
+    opt, slow = optax.adam(cfg.unlearn_lr), optax.adam(cfg.unlearn_lr / 10)
     everything = jax.tree.map(lambda _: True, head)
-    out = {}
-    for name in names:
-        if name == "GA_FT":
-            out[name] = methods.neggrad_plus(apply_fn, alpha=0.95, weight_decay=1e-3, optimizer=opt)
-        elif name == "IF":
-            fit_intercept = "bias" in head
-            shape = problem.data["W"].shape
-
-            def inverse_hvp(v, L):
-                flat = last_layer.head_to_matrix(v).reshape(-1)
-                x = jax.scipy.linalg.cho_solve((L, True), flat)
-                return last_layer.matrix_to_head(x.reshape(shape), fit_intercept=fit_intercept)
-
-            chol = jnp.linalg.cholesky(problem.hessian(problem.data))
-            out[name] = methods.influence_unlearning(apply_fn, inverse_hvp,
-                                                     num_train=int(problem.normalizer), operands=chol)
-        elif name == "NTK":
-            out[name] = methods.ntk_forgetting(apply_fn, weight_decay=0.1)
-        elif name == "SCRUB":
-            out[name] = methods.scrub(apply_fn, optimizer=slow)
-        elif name == "Bad-T":
-            rand = jax.tree.map(lambda p: 0.1 * jax.random.normal(key, p.shape, p.dtype), head)
-            out[name] = methods.bad_teacher(apply_fn, {"params": rand}, optimizer=slow)
-        elif name == "CF-k":
-            out[name] = methods.cf_k(apply_fn, everything, optimizer=opt)
-        elif name == "EU-k":
-            fresh = {"params": jax.tree.map(jnp.zeros_like, head)}
-            out[name] = methods.eu_k(apply_fn, fresh, everything, optimizer=opt)
-        elif name != "Fisher":
-            raise ValueError(f"unknown algorithm {name!r}")
-    return {name: loop.compile(m) for name, m in out.items()}
+    teacher = jax.tree.map(lambda p: 0.1 * jax.random.normal(key, p.shape, p.dtype), head)
+    factories = {
+        "GA_FT": lambda: methods.neggrad_plus(apply_fn, alpha=0.95, weight_decay=1e-3, optimizer=opt),
+        "IF": lambda: if_method(head, problem),
+        "NTK": lambda: methods.ntk_forgetting(apply_fn, weight_decay=0.1),
+        "SCRUB": lambda: methods.scrub(apply_fn, optimizer=slow),
+        "Bad-T": lambda: methods.bad_teacher(apply_fn, {"params": teacher}, optimizer=slow),
+        "CF-k": lambda: methods.cf_k(apply_fn, everything, optimizer=opt),
+        "EU-k": lambda: methods.eu_k(apply_fn, {"params": jax.tree.map(jnp.zeros_like, head)},
+                                     everything, optimizer=opt),
+    }
+    unknown = [n for n in names if n not in factories and n != "Fisher"]
+    if unknown:
+        raise ValueError(f"unknown algorithm(s) {unknown}; choose from {sorted(factories)} or Fisher")
+    return {n: loop.compile(factories[n]()) for n in names if n != "Fisher"}
 
 
 def run_algorithm(name, built: dict, *, head, train_f, eps, cfg, key, progress, l2: float):
