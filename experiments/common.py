@@ -152,6 +152,9 @@ def parse_args(description: str, *, driver: str, config_cls, default_out: str, e
     if args.config is None:
         args.preset = args.preset or "quick"
         args.config = config_path(driver, args.preset)
+        if not os.path.isfile(args.config):
+            p.error(f"unknown preset {args.preset!r}; choose from {', '.join(names)} "
+                    "or pass --config FILE")
     name = args.preset or os.path.splitext(os.path.basename(args.config))[0].removeprefix(f"{driver}_")
     try:
         cfg = apply_overrides(load_config(args.config, config_cls), args.set)
