@@ -20,7 +20,7 @@ utility and robustness measurements as *sums* over the validation set:
 
     I_util(z_i; -1)   = n * score_i[utility(reduction="sum")]
     I_fair(z_i; -1)   = n * score_i[demographic_parity / equal_opportunity]
-    I_robust(z_i; -1) = n * score_i[robustness(reduction="sum")]
+    I_robust(z_i; -1) = n * score_i[utility(reduction="sum") on the adversarial batch]
 
 which :func:`influence_scores` returns with ``scale="seed004"``.
 
