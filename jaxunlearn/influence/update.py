@@ -64,9 +64,9 @@ def _needs_factor(solver: Solver) -> bool:
     return isinstance(solver, Direct) and solver.method == "cholesky"
 
 
-def _update_core(data, flat, eps, solver, factor, x0, normalizer, *, fns):
+def _update_core(data, flat, eps, solver, factor, x0, normalizer, *, fns, pre):
     g = fns.grads_tdot(data, eps)  # sum_i eps_i ∇ell_i (padding rows count 0)
-    op = _scores._operator(data, fns)
+    op = _scores._operator(data, fns, pre)
     if factor is None and _needs_factor(solver):
         factor = Direct(damping=solver.damping).factorize(op, dtype=flat.dtype)
     box = {}
@@ -79,7 +79,7 @@ def _update_core(data, flat, eps, solver, factor, x0, normalizer, *, fns):
     return fns.params_from_flat(data, new_flat), box["res"], factor
 
 
-_update_jit = jax.jit(_update_core, static_argnames=("fns",))
+_update_jit = jax.jit(_update_core, static_argnames=("fns", "pre"))
 
 
 def _checked_eps(problem, eps) -> jax.Array:
@@ -98,7 +98,8 @@ def _update(problem, solver, eps, factor=None, x0=None):
     _scores._check_solver(solver)
     _scores._check_factor(factor, solver, problem.flat.shape[0])
     params, res, factor = _update_jit(problem.data, problem.flat, _checked_eps(problem, eps), solver,
-                                      factor, x0, problem.normalizer, fns=_scores._fns_of(problem))
+                                      factor, x0, problem.normalizer, fns=_scores._fns_of(problem),
+                                      pre=problem.preconditioner)
     if not isinstance(res.converged, jax.core.Tracer):
         _scores.report_solve(res, solver, "influence-update solve", stacklevel=4)
         _grads.check_finite(params, "influence-updated parameters")
