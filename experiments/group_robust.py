@@ -302,7 +302,7 @@ def soft_retain_weights(apply_fn, variables, retain: dict, val: dict, base_weigh
     w = jnp.asarray(base_weight, feats_r.dtype)
     head, fit_info = last_layer.refit_head(feats_r, jnp.asarray(retain["y"]), l2=l2,
                                            num_outputs=num_outputs, fit_intercept=True, weight=w)
-    problem = last_layer.make_problem(head, feats_r, jnp.asarray(retain["y"]), l2=l2, weight=w)
+    problem = last_layer.make_problem(head, {"x": feats_r, "y": jnp.asarray(retain["y"]), "weight": w}, l2=l2)
     vb = {"x": feats_v, "y": jnp.asarray(val["y"]), "group": jnp.asarray(val["group"])}
     measure = measurements.equal_opportunity(last_layer.head_apply, num_groups=num_groups,
                                              classes=[target], aggregate="range")

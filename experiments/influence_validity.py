@@ -86,11 +86,11 @@ def run_model(name: str, x_train, y_train, test: dict, cfg: Config, progress: bo
         adv = measurements.linear_adversarial_batch(tb, head["kernel"], gamma=cfg.gamma)
         measures = {
             "utility": (measurements.utility(last_layer.head_apply), tb),
-            "fairness": (measurements.demographic_parity(last_layer.head_apply), tb),
-            "robustness": (measurements.robustness(last_layer.head_apply), adv),
+            "fairness": (measurements.demographic_parity(last_layer.head_apply, aggregate="range"), tb),
+            "robustness": (measurements.utility(last_layer.head_apply), adv),  # on the attack batch
         }
         with common.timer(t, "scores_and_loo"):
-            res, infl = validation.validate_last_layer(head, x, y, measures, l2=l2,
+            res, infl = validation.validate_last_layer(head, {"x": x, "y": y}, measures, l2=l2,
                                                        num_points=cfg.num_points, progress=progress)
     logits = np.asarray(test["x"], np.float64) @ np.asarray(head["kernel"], np.float64)
     acc = float(np.mean((logits[:, 0] > 0) == np.asarray(test["y"])))

@@ -49,7 +49,7 @@ import optax
 
 from experiments import common
 from jaxunlearn import data, evaluation, loop, losses, methods, metrics, weights
-from jaxunlearn.influence import last_layer, measurements, scores
+from jaxunlearn.influence import last_layer, measurements, scores, solvers, update
 
 TASKS = ("dp", "eop", "robust")
 LR_ALGORITHMS = ("GA_FT", "IF", "Fisher", "SCRUB", "Bad-T")  # Table 1 (convex model)
@@ -176,27 +176,16 @@ TARGET = {"dp": "dp", "eop": "eop", "robust": "adv_loss"}
 
 def influence_vectors(head, train_f: dict, val_f: dict, *, l2: float, gamma: float = 1.3):
     """Scores (DESIGN.md convention) of every training sample for utility, DP, EOP, robustness."""
-    problem = last_layer.make_problem(head, train_f["x"], train_f["y"], l2=l2)
+    problem = last_layer.make_problem(head, {"x": train_f["x"], "y": train_f["y"]}, l2=l2)
     val = {k: jnp.asarray(v) for k, v in val_f.items()}
     adv_val = measurements.linear_adversarial_batch(val, head["kernel"], head.get("bias"), gamma=gamma)
     measures = {"util": (measurements.utility(last_layer.head_apply), val),
-                "robust": (measurements.robustness(last_layer.head_apply), adv_val)}
-    if len(np.unique(val_f["group"])) >= 2:
-        measures["dp"] = (measurements.demographic_parity(last_layer.head_apply), val)
-        measures["eop"] = (measurements.equal_opportunity(last_layer.head_apply), val)
-    res = scores.influence_scores(problem, measures, solver="direct", on_nonstationary="raise")
+                "robust": (measurements.utility(last_layer.head_apply), adv_val)}  # the attack batch
+    if len(np.unique(val_f["group"])) >= 2:  # |gap| measurements: the study lowers |DP|, |EOP|
+        measures["dp"] = (measurements.demographic_parity(last_layer.head_apply, aggregate="range"), val)
+        measures["eop"] = (measurements.equal_opportunity(last_layer.head_apply, aggregate="range"), val)
+    res = scores.influence_scores(problem, measures, solver=solvers.Direct(), on_nonstationary="raise")
     return problem, {k: np.asarray(v) for k, v in res.scores.items()}, res.values, res.grad_norm
-
-
-def if_update(problem, head, eps) -> dict:
-    """IF's closed form, seed 004 eq. (8): theta - (1/n) H^{-1} sum_i eps_i grad l_i."""
-    d = problem.data
-    G = last_layer.per_sample_grads(d["W"], d["X"], d["y"])  # [n, p]
-    g = jnp.asarray(eps, G.dtype) @ G
-    H = problem.hessian(d)
-    step = jnp.linalg.solve(H, g) / problem.normalizer
-    W = d["W"] - step.reshape(d["W"].shape)
-    return last_layer.matrix_to_head(W, fit_intercept="bias" in head)
 
 
 def hard_sweep(problem, head, metric_scores, val_f, adv_val, task, fractions, tolerance):
@@ -206,13 +195,12 @@ def hard_sweep(problem, head, metric_scores, val_f, adv_val, task, fractions, to
     model's value, so that vanishing gains do not remove half of the training set.
     """
 
-    def evaluate(eps):
-        new = if_update(problem, head, eps)
-        return evaluate_head(new, val_f, adv_val)[TARGET[task]]
+    def evaluate(new_head):
+        return evaluate_head(new_head, val_f, adv_val)[TARGET[task]]
 
-    base_value = abs(evaluate_head(head, val_f, adv_val)[TARGET[task]])
-    sweep = weights.sweep_hard_fraction(evaluate, metric_scores, fractions,
-                                        min_improvement=tolerance * base_value)
+    base_value = abs(evaluate(head))
+    sweep = update.sweep_influence_update(problem, metric_scores, evaluate, fractions,
+                                          solver=solvers.Direct(), min_improvement=tolerance * base_value)
     return sweep.fraction, np.asarray(sweep.weights), list(zip(sweep.fractions, sweep.values))
 
 

@@ -72,8 +72,10 @@ def partition(params, select: str | Sequence[str] | Callable[[str, Any], bool]):
 
     Args:
       params: a pytree (e.g. Flax ``{"dense_0": {...}, "head": {...}}``).
-      select: a path prefix such as ``"head"`` (paths join keys with ``/``: ``"head/kernel"``), a
-        sequence of prefixes (e.g. the last k blocks), or ``select(path, leaf) -> bool``.
+      select: a bool mask pytree with ``params``' structure (Python bools, e.g.
+        :func:`jaxunlearn.models.partition.last_k_mask`), a path prefix such as ``"head"`` (paths
+        join keys with ``/``: ``"head/kernel"``), a sequence of prefixes (e.g. the last k blocks),
+        or ``select(path, leaf) -> bool``.
 
     Returns:
       ``(selected, rest)``; ``combine(selected, rest)`` rebuilds ``params``.
@@ -81,7 +83,13 @@ def partition(params, select: str | Sequence[str] | Callable[[str, Any], bool]):
     Raises:
       ValueError: if nothing is selected.
     """
-    if callable(select):
+    mask_leaves = _bool_mask_leaves(params, select)
+    if mask_leaves is not None:
+        it = iter(mask_leaves)
+
+        def pred(path, leaf):
+            return next(it)
+    elif callable(select):
         pred = select
     else:
         prefixes = (select,) if isinstance(select, str) else tuple(select)
@@ -97,6 +105,23 @@ def partition(params, select: str | Sequence[str] | Callable[[str, Any], bool]):
     sel = [leaf if m else None for (_, leaf), m in zip(leaves, mask)]
     rest = [None if m else leaf for (_, leaf), m in zip(leaves, mask)]
     return jax.tree_util.tree_unflatten(treedef, sel), jax.tree_util.tree_unflatten(treedef, rest)
+
+
+def _bool_mask_leaves(params, select):
+    """The leaves of ``select`` if it is a bool mask pytree shaped like ``params``, else None."""
+    if isinstance(select, str) or callable(select) or not isinstance(select, (dict, list, tuple)) \
+            and not hasattr(select, "keys"):
+        return None
+    leaves, treedef = jax.tree_util.tree_flatten(select)
+    if not all(isinstance(m, (bool, np.bool_)) for m in leaves):
+        if isinstance(select, (list, tuple)) and all(isinstance(m, str) for m in leaves):
+            return None  # a sequence of prefixes
+        raise ValueError("select as a mask must be a pytree of Python bools with the structure of "
+                         f"the parameters; got leaves of types {sorted({type(m).__name__ for m in leaves})}")
+    if treedef != jax.tree_util.tree_structure(params):
+        raise ValueError(f"select mask has tree structure {treedef}, but the parameters have "
+                         f"{jax.tree_util.tree_structure(params)}")
+    return [bool(m) for m in leaves]
 
 
 def combine(*trees):

@@ -7,8 +7,12 @@ training-set size and ``H`` the Hessian of the *mean* training objective includi
 regulariser, ``(1/n) sum_i l_i + (l2/2)||theta||^2`` (:mod:`jaxunlearn.train`). It is the first
 Newton step, from the original optimum, towards the minimiser of the reweighted objective
 ``(1/n) sum_i (1 + eps_i) l_i + (l2/2)||theta||^2`` (seed 004 eq. (1)); the influence engine
-(:mod:`jaxunlearn.influence`) provides the inverse-Hessian solvers. For networks, restrict it to
-the last layer (``trainable`` = the head, with ``inverse_hvp`` the head's solver).
+(:mod:`jaxunlearn.influence`) provides the inverse-Hessian solvers, and eq. (8) itself is
+:func:`jaxunlearn.influence.influence_step`, shared with the pure library update
+:func:`jaxunlearn.influence.influence_update` (which takes an influence ``Problem`` and a solver
+object and returns the new parameters directly; this Method is the same update inside the
+unlearning loop, reading eps from its forget batches). For networks, restrict it to the last layer
+(``trainable`` = the head, with ``inverse_hvp`` the head's solver).
 
 ``sum_i eps_i grad l_i`` is the gradient of one weighted sum (no per-sample gradients), taken in
 eval mode and accumulated over chunks of ``chunk_size`` samples to bound memory.
@@ -40,6 +44,7 @@ import jax.numpy as jnp
 
 from jaxunlearn import losses
 from jaxunlearn import subsets
+from jaxunlearn.influence.update import influence_step
 from jaxunlearn.methods import base
 
 __all__ = ["influence_unlearning"]
@@ -116,12 +121,16 @@ def influence_unlearning(apply_fn, inverse_hvp: Callable[..., Any], *, num_train
         g = _chunked_weighted_grad(objective, leaves, {"x": fb["x"], "y": fb["y"],
                                                        "weight": fb["weight"]}, chunk_size)
         zeros = jax.tree.map(jnp.zeros_like, params)
-        v = subsets.put(zeros, subset, g)
-        h = inverse_hvp(v) if operands is None else inverse_hvp(v, state.extra["operands"])
-        if jax.tree.structure(h) != jax.tree.structure(params):
-            raise ValueError("inverse_hvp must return a pytree with the structure of variables['params']")
-        step = [-hl / n for hl in subsets.take(h, subset)]
-        params = subsets.put(params, subset, [p + s.astype(p.dtype) for p, s in zip(leaves, step)])
+
+        def inverse(g_leaves):  # H^{-1} on the trainable leaves, through the full-tree inverse_hvp
+            v = subsets.put(zeros, subset, g_leaves)
+            h = inverse_hvp(v) if operands is None else inverse_hvp(v, state.extra["operands"])
+            if jax.tree.structure(h) != jax.tree.structure(params):
+                raise ValueError("inverse_hvp must return a pytree with the structure of variables['params']")
+            return subsets.take(h, subset)
+
+        new_leaves, step = influence_step(list(leaves), list(g), inverse, n)
+        params = subsets.put(params, subset, new_leaves)
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(s)) for s in step))
         return {"params": params, **model_state}, state._replace(step=state.step + 1), \
             {"loss": jnp.zeros(()), "step_norm": norm}
