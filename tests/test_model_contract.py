@@ -205,6 +205,7 @@ def test_unlearning_method_same_trajectory(four, trained):
                            trained["linen"][0].params["head"]["kernel"])
 
 
+@pytest.mark.slow  # four compilations of the influence solve (~20 s each on 2 shared cores)
 def test_influence_scores_agree(four, trained):
     data = _data()
     batch = {"x": jnp.asarray(data["x"]), "y": jnp.asarray(data["y"])}

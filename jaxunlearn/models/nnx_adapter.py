@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import flax
 import jax
 from flax import nnx
 
@@ -32,17 +31,21 @@ def _split(module) -> dict:
     return out
 
 
-def _has(tree, path) -> bool:  # a norm layer that never ran has no captured output
-    try:
-        return "__call__" in _at(tree, path)
-    except (KeyError, IndexError, TypeError):
-        return False
+_SINKS: list[dict] = []  # {id(layer): output} of the norm layers in the call being traced
+_RECORDING: dict[type, type] = {}
 
 
-def _at(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
+def _recording(cls: type) -> type:
+    """A subclass of the norm layer ``cls`` that also records its output in the innermost sink."""
+    if cls not in _RECORDING:
+        def __call__(self, *args, **kwargs):
+            out = cls.__call__(self, *args, **kwargs)
+            if _SINKS:
+                _SINKS[-1][id(self)] = out
+            return out
+
+        _RECORDING[cls] = type(f"Recording{cls.__name__}", (cls,), {"__call__": __call__})
+    return _RECORDING[cls]
 
 
 def from_nnx(make_module: Callable[[nnx.Rngs], nnx.Module], input_shape: tuple[int, ...] | None = None,
@@ -52,8 +55,7 @@ def from_nnx(make_module: Callable[[nnx.Rngs], nnx.Module], input_shape: tuple[i
     Train/eval mode is set with ``set_attributes(use_running_average=not train,
     deterministic=not train)`` on the module merged for each call. With ``capture_norm=True`` the
     outputs of every ``BatchNorm``/``LayerNorm``/``GroupNorm``/``RMSNorm`` are returned under
-    their attribute paths (e.g. ``"blocks/0/ln1"``), in sorted rather than call order; this needs
-    ``nnx.capture`` (Flax >= 0.12).
+    their attribute paths (e.g. ``"blocks/0/ln1"``), in call order.
 
     Args:
       make_module: constructor ``rngs -> module`` (e.g. ``lambda rngs: Net(rngs=rngs)``), called by
@@ -90,17 +92,18 @@ def from_nnx(make_module: Callable[[nnx.Rngs], nnx.Module], input_shape: tuple[i
             return m(x, mask=mask if train else None) if uses_mask else m(x)
 
         aux: dict[str, Any] = {}
-        if capture_norm:
-            if not hasattr(nnx, "capture"):
-                raise ValueError(f"capture_norm=True on an NNX model needs nnx.capture (Flax >= "
-                                 f"0.12); this is Flax {flax.__version__}: upgrade flax")
-            out, inter = nnx.capture(
-                call, nnx.Intermediate, method_outputs=nnx.Intermediate)(module, x)
-            inter = nnx.to_pure_dict(inter)
-            aux["norm"] = {
-                "/".join(map(str, path)): _at(inter, path)["__call__"][0]
-                for path, sub in nnx.iter_graph(module)
-                if isinstance(sub, NNX_NORM_TYPES) and _has(inter, path)}
+        if capture_norm:  # the merged module is ours: its norm layers may record their outputs
+            names = {}
+            for path, sub in nnx.iter_graph(module):
+                if isinstance(sub, NNX_NORM_TYPES):
+                    names[id(sub)] = "/".join(map(str, path))
+                    object.__setattr__(sub, "__class__", _recording(type(sub)))
+            _SINKS.append({})
+            try:
+                out = call(module, x)
+                aux["norm"] = {names[i]: v for i, v in _SINKS[-1].items()}
+            finally:
+                _SINKS.pop()
         else:
             out = call(module, x)
         logits, out_aux = normalise_output(out, name)
