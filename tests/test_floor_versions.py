@@ -43,6 +43,8 @@ def test_floors_equal_the_ci_pins():
             f"{name}: pyproject floor {floors[name]} but .ci/floor-constraints.txt pins "
             f"{pins.get(name)}; keep them equal")
     assert pins["jaxlib"] == pins["jax"]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["equinox"] == [f"equinox>={pins['equinox']}"], extras["equinox"]
     assert "tensorflow-datasets" not in floors, "TFDS must stay an optional extra ([tfds])"
 
 
