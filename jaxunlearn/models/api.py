@@ -87,7 +87,7 @@ def full_contract(apply: Callable) -> Callable:
 
 
 def _is_array(v) -> bool:
-    return isinstance(v, jax.Array) or hasattr(v, "shape") and hasattr(v, "dtype")
+    return isinstance(v, jax.Array) or (hasattr(v, "shape") and hasattr(v, "dtype"))
 
 
 def normalise_output(out, name: str = "model") -> tuple[jax.Array, dict]:
