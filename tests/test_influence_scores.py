@@ -399,7 +399,7 @@ def test_both_problem_builders_share_one_flat_order_and_a_mask_selects():
                 np.testing.assert_allclose(getattr(prob, f)(prob.data, *args),
                                            getattr(closed, f)(closed.data, *args), rtol=1e-10, atol=1e-13,
                                            err_msg=f)
-        with pytest.raises(ValueError, match="tree structure"):
+        with pytest.raises(ValueError, match="does not have the structure of the parameters"):
             S.make_problem(_two_block_loss, params, batch, select={"head": True})
         with pytest.raises(ValueError, match="'x'"):
             ll.make_problem(head, {"features": batch["x"]}, l2=0.05)

@@ -54,9 +54,19 @@ CIVIL_COMMENTS_IDENTITIES = (
 
 # ----------------------------------------------------------------------------- reading
 
+def _tfds():
+    """``tensorflow_datasets``, imported on first use: it is an optional extra, and slow to import."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError("TFDS-backed datasets need tensorflow-datasets: pip install "
+                          "'jaxunlearn[tfds]'") from e
+    return tfds
+
+
 def _open(name: str, split: str, data_dir, download: bool):
     """``tfds.data_source`` with a clear error when the prepared data is not there."""
-    import tensorflow_datasets as tfds  # imported lazily: importing TFDS takes seconds
+    tfds = _tfds()
 
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=download)
@@ -339,6 +349,7 @@ def load_civil_comments(*, identities: Sequence[str] = ("black",), threshold: fl
         raise DataError(f"civil_comments: identities repeat: {list(identities)}")
     if num_features < 1 or ngrams < 1:
         raise DataError(f"num_features ({num_features}) and ngrams ({ngrams}) must be positive")
+    _tfds()
     importlib.import_module("tensorflow_datasets.text.civil_comments")  # registers the builder
     config = "CivilCommentsIdentities" if identities else "CivilComments"
     plan = _plan(f"civil_comments/{config}", validation=validation, has_official_val=True,

@@ -13,7 +13,8 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
-from jaxunlearn.models.api import Model, check_input
+from jaxunlearn.models.api import (
+    Model, _accepted_keywords, check_input, full_contract, normalise_output)
 
 __all__ = ["from_nnx", "NNX_NORM_TYPES"]
 
@@ -30,27 +31,31 @@ def _split(module) -> dict:
     return out
 
 
-def _has(tree, path) -> bool:  # a norm layer that never ran has no captured output
-    try:
-        return "__call__" in _at(tree, path)
-    except (KeyError, IndexError, TypeError):
-        return False
+_SINKS: list[dict] = []  # {id(layer): output} of the norm layers in the call being traced
+_RECORDING: dict[type, type] = {}
 
 
-def _at(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
+def _recording(cls: type) -> type:
+    """A subclass of the norm layer ``cls`` that also records its output in the innermost sink."""
+    if cls not in _RECORDING:
+        def __call__(self, *args, **kwargs):
+            out = cls.__call__(self, *args, **kwargs)
+            if _SINKS:
+                _SINKS[-1][id(self)] = out
+            return out
+
+        _RECORDING[cls] = type(f"Recording{cls.__name__}", (cls,), {"__call__": __call__})
+    return _RECORDING[cls]
 
 
-def from_nnx(make_module: Callable[[nnx.Rngs], nnx.Module], input_shape: tuple[int, ...] | None,
-             num_outputs: int, *, uses_mask: bool = False) -> Model:
-    """Wrap an NNX module whose ``__call__(x)`` returns ``(logits, features)``.
+def from_nnx(make_module: Callable[[nnx.Rngs], nnx.Module], input_shape: tuple[int, ...] | None = None,
+             num_outputs: int | None = None, *, uses_mask: bool | None = None) -> Model:
+    """Wrap an NNX module whose ``__call__(x[, mask])`` returns ``logits`` or ``(logits, features)``.
 
-    Train/eval mode is set with ``nnx.view(use_running_average=not train, deterministic=not
-    train)``. With ``capture_norm=True`` the outputs of every ``BatchNorm``/``LayerNorm``/
-    ``GroupNorm``/``RMSNorm`` are returned under their attribute paths (e.g. ``"blocks/0/ln1"``),
-    in sorted rather than call order.
+    Train/eval mode is set with ``set_attributes(use_running_average=not train,
+    deterministic=not train)`` on the module merged for each call. With ``capture_norm=True`` the
+    outputs of every ``BatchNorm``/``LayerNorm``/``GroupNorm``/``RMSNorm`` are returned under
+    their attribute paths (e.g. ``"blocks/0/ln1"``), in call order.
 
     Args:
       make_module: constructor ``rngs -> module`` (e.g. ``lambda rngs: Net(rngs=rngs)``), called by
@@ -58,7 +63,7 @@ def from_nnx(make_module: Callable[[nnx.Rngs], nnx.Module], input_shape: tuple[i
       input_shape: per-example input shape (for a clear error on misshaped inputs), or None.
       num_outputs: number of logits.
       uses_mask: whether ``__call__`` takes ``mask=`` ([B] bool, forwarded to its BatchNorms as
-        ``mask[:, None, ...]`` by the module itself).
+        ``mask[:, None, ...]`` by the module itself); default: read from its signature.
 
     Raises:
       ValueError: if ``make_module`` is a module instance rather than a constructor.
@@ -66,34 +71,43 @@ def from_nnx(make_module: Callable[[nnx.Rngs], nnx.Module], input_shape: tuple[i
     if isinstance(make_module, nnx.Module):
         raise ValueError("from_nnx needs a constructor rngs -> module (so that init can use its "
                          "key), e.g. `lambda rngs: Net(rngs=rngs)`, not a module instance")
-    graphdef = nnx.split(nnx.eval_shape(lambda: make_module(nnx.Rngs(0))))[0]
-    name = "nnx model"
+    abstract = nnx.eval_shape(lambda: make_module(nnx.Rngs(0)))
+    graphdef = nnx.split(abstract)[0]
+    name = f"nnx model {type(abstract).__name__}"
+    if uses_mask is None:
+        uses_mask = "mask" in _accepted_keywords(type(abstract).__call__)
 
     def init(key: jax.Array, x: jax.Array):
         check_input(x, input_shape, name)
         return _split(make_module(nnx.Rngs(key)))
 
+    @full_contract
     def apply(variables, x, *, train: bool = False, mask=None, capture_norm: bool = False):
         check_input(x, input_shape, name)
-        module = nnx.merge(graphdef, *variables.values())
-        module = nnx.view(module, use_running_average=not train, deterministic=not train,
-                          raise_if_not_found=False)
+        module = nnx.merge(graphdef, *variables.values())  # a fresh object: safe to mutate
+        module.set_attributes(use_running_average=not train, deterministic=not train,
+                              raise_if_not_found=False)
 
         def call(m, x):
             return m(x, mask=mask if train else None) if uses_mask else m(x)
 
         aux: dict[str, Any] = {}
-        if capture_norm:
-            (logits, features), inter = nnx.capture(
-                call, nnx.Intermediate, method_outputs=nnx.Intermediate)(module, x)
-            inter = nnx.to_pure_dict(inter)
-            aux["norm"] = {
-                "/".join(map(str, path)): _at(inter, path)["__call__"][0]
-                for path, sub in nnx.iter_graph(module)
-                if isinstance(sub, NNX_NORM_TYPES) and _has(inter, path)}
+        if capture_norm:  # the merged module is ours: its norm layers may record their outputs
+            names = {}
+            for path, sub in nnx.iter_graph(module):
+                if isinstance(sub, NNX_NORM_TYPES):
+                    names[id(sub)] = "/".join(map(str, path))
+                    object.__setattr__(sub, "__class__", _recording(type(sub)))
+            _SINKS.append({})
+            try:
+                out = call(module, x)
+                aux["norm"] = {names[i]: v for i, v in _SINKS[-1].items()}
+            finally:
+                _SINKS.pop()
         else:
-            logits, features = call(module, x)
-        aux["features"] = features
+            out = call(module, x)
+        logits, out_aux = normalise_output(out, name)
+        aux.update(out_aux)
         state = _split(module)
         aux["model_state"] = {k: v for k, v in state.items() if k != "params"} if train else {}
         return logits, aux
