@@ -35,7 +35,6 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 __all__ = ["CONFIG_DIR", "config_path", "presets", "load_config", "apply_overrides", "parse_args",
-           "parse_preset_args",
            "cosine_adam", "make_optimizer", "build_model", "load_dataset", "train_model", "write_text", "write_json",
            "write_csv", "resume_rows", "markdown_table", "timer", "environment", "savefig"]
 
@@ -161,23 +160,6 @@ def parse_args(description: str, *, driver: str, config_cls, default_out: str, e
     except ValueError as e:
         p.error(str(e))
     return args, cfg, name
-
-
-def parse_preset_args(description: str, *, presets: Sequence[str], default_out: str, extra=None,
-                      argv=None) -> argparse.Namespace:
-    """The command line of the drivers whose presets are still built in code (fairness_gap,
-    group_robust): ``--preset``, ``--out``, ``--seed``, ``--fresh``, ``--no-progress``."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--preset", choices=list(presets), default=presets[0],
-                   help="size of the run (default: %(default)s)")
-    p.add_argument("--out", default=default_out, help="output directory (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="base random seed (default: %(default)s)")
-    p.add_argument("--fresh", action="store_true",
-                   help="ignore the finished cells and checkpoints of an earlier run in --out")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    if extra is not None:
-        extra(p)
-    return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- builders

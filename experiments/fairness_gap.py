@@ -472,7 +472,7 @@ def run_variant(name: str, k: int | None, ctx: Context) -> dict:
         method = methods.eu_k(ctx.apply, fresh, trainable, optimizer=tx)
         run_kw, setup = {"epochs": tcfg["epochs"], "batch_size": tcfg["batch_size"]}, 0.0
     else:
-        method, run_kw, setup = build_method(name, ctx, trainable, )
+        method, run_kw, setup = build_method(name, ctx, trainable)
         trainable = run_kw.pop("trainable")
     t0 = time.perf_counter()
     forget = ctx.splits["forget"]

@@ -148,12 +148,6 @@ def optimizer(recipe: dict, n: int):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def _require_groups(split: dict, what: str) -> np.ndarray:
-    if split.get("group") is None:
-        raise ValueError(f"group labels missing: {what} needs the split's 'group' array")
-    return np.asarray(split["group"])
-
-
 def evaluate(apply_fn, variables, sets: dict, *, target: int, sensitive: int,
              eo_binarize: bool = False) -> dict:
     """The paper's metrics of one model, as fractions.
@@ -167,7 +161,10 @@ def evaluate(apply_fn, variables, sets: dict, *, target: int, sensitive: int,
     """
     logits = {k: evaluation.predict(apply_fn, variables, sets[k]["x"])[0] for k in sets}
     y = {k: np.asarray(sets[k]["y"]) for k in sets}
-    g_test = _require_groups(sets["test"], "EO, group and worst-group accuracy")
+    if sets["test"].get("group") is None:
+        raise ValueError("group labels missing: EO, group and worst-group accuracy need the test "
+                         "split's 'group' array")
+    g_test = np.asarray(sets["test"]["group"])
     out = {f"{k}_accuracy": metrics.accuracy(logits[k], y[k]) for k in ("retain", "forget", "test")}
     sc = {k: metrics.membership_scores(logits[k], y[k]) for k in sets}
     attack = metrics.mia(sc["retain"], sc["val"], sc["forget"], heldout_scores=sc["test"])
@@ -523,9 +520,6 @@ def quirk_ablation(study: Study, original, sets, w_r, ratio_rows: dict, miu_run:
 
 # ----------------------------------------------------------------------------- report
 
-PCT = ("retain_accuracy", "forget_accuracy", "test_accuracy", "mia", "mia_auc", "eo",
-       "group_accuracy", "worst_group_accuracy", "tow_rw_retrain", "avg_gap_rw_retrain",
-       "avg_gap_nomia_rw_retrain", "avg_gap_retrain")
 HEAD = {"retain_accuracy": "RA", "forget_accuracy": "FA", "test_accuracy": "TA", "mia": "MIA",
         "mia_auc": "MIA AUC", "eo": "EO", "group_accuracy": "GA", "worst_group_accuracy": "WGA",
         "tow_rw_retrain": "ToW", "avg_gap_rw_retrain": "Gap (RW)",
@@ -539,9 +533,7 @@ def table_rows(rows: dict) -> list[dict]:
         if "error" in row:
             r["RA"] = "error: " + row["error"][:120]
         else:
-            for k in PCT:
-                if k in row:
-                    r[HEAD[k]] = 100.0 * row[k]
+            r.update({head: 100.0 * row[k] for k, head in HEAD.items() if k in row})
         r["s"] = row.get("seconds", float("nan"))
         out.append(r)
     return out
