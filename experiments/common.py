@@ -35,8 +35,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 __all__ = ["CONFIG_DIR", "config_path", "presets", "load_config", "apply_overrides", "parse_args",
-           "cosine_adam", "make_optimizer", "build_model", "load_dataset", "train_model", "write_text", "write_json",
-           "write_csv", "resume_rows", "markdown_table", "timer", "environment", "savefig"]
+           "cosine_adam", "make_optimizer", "build_model", "load_dataset", "train_model",
+           "write_text", "write_json", "write_csv", "resume_rows", "markdown_table", "timer",
+           "environment", "savefig"]
 
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
