@@ -727,7 +727,7 @@ def main(argv=None) -> dict:
             for cell in run_dataset(spec, cfg, todo, args):
                 cells.append(cell)
                 common.write_json(path, {"signature": signature, "rows": cells})
-    order = {(s.name, r): i for i, (s, r) in enumerate((s, r) for s in specs for r in ratios)}
+    order = {key: i for i, key in enumerate((s.name, r) for s in specs for r in ratios)}
     cells.sort(key=lambda c: order[(c["dataset"], c["ratio"])])
     results = {"signature": signature, "preset": name, "seed": args.seed,
                "environment": common.environment(), "rows": cells}
