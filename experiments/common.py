@@ -35,9 +35,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 __all__ = ["CONFIG_DIR", "config_path", "presets", "load_config", "apply_overrides", "parse_args",
-           "parse_preset_args",
-           "cosine_adam", "build_model", "load_dataset", "train_model", "write_text", "write_json",
-           "write_csv", "resume_rows", "markdown_table", "timer", "environment", "savefig"]
+           "cosine_adam", "make_optimizer", "build_model", "load_dataset", "train_model",
+           "write_text", "write_json", "write_csv", "resume_rows", "markdown_table", "timer",
+           "environment", "savefig"]
 
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -163,23 +163,6 @@ def parse_args(description: str, *, driver: str, config_cls, default_out: str, e
     return args, cfg, name
 
 
-def parse_preset_args(description: str, *, presets: Sequence[str], default_out: str, extra=None,
-                      argv=None) -> argparse.Namespace:
-    """The command line of the drivers whose presets are still built in code (fairness_gap,
-    group_robust): ``--preset``, ``--out``, ``--seed``, ``--fresh``, ``--no-progress``."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--preset", choices=list(presets), default=presets[0],
-                   help="size of the run (default: %(default)s)")
-    p.add_argument("--out", default=default_out, help="output directory (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="base random seed (default: %(default)s)")
-    p.add_argument("--fresh", action="store_true",
-                   help="ignore the finished cells and checkpoints of an earlier run in --out")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    if extra is not None:
-        extra(p)
-    return p.parse_args(argv)
-
-
 # ----------------------------------------------------------------------------- builders
 
 
@@ -192,10 +175,28 @@ def cosine_adam(lr: float, *, epochs: int, n: int, batch_size: int):
     return optax.adam(optax.cosine_decay_schedule(lr, epochs * data.num_batches(n, batch_size)))
 
 
+def make_optimizer(name: str, lr: float, *, steps: int | None = None, momentum: float | None = None,
+                   weight_decay: float = 0.0):
+    """``sgd`` (PyTorch style, :func:`jaxunlearn.methods.base.sgd`) or ``adam``, with L2 weight
+    decay added to the gradient; ``lr`` cosine-decayed to 0 over ``steps`` updates when given,
+    constant otherwise."""
+    import optax
+
+    from jaxunlearn.methods import base
+
+    schedule = lr if steps is None else optax.cosine_decay_schedule(lr, max(int(steps), 1))
+    if name == "sgd":
+        return base.sgd(schedule, momentum=momentum or None, weight_decay=weight_decay)
+    if name == "adam":
+        tx = optax.adam(schedule)
+        return optax.chain(optax.add_decayed_weights(weight_decay), tx) if weight_decay else tx
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
+
+
 def build_model(kind: str, input_shape, num_classes: int, **kw):
     """A built-in model by name: ``lr``, ``mlp`` (``hidden``), ``resnet18``/``resnet50``
-    (``width``), ``vit`` (``patch_size``, ``depth``, ``width``, ``heads``, ``mlp_dim``).
-    Binary tasks get one logit."""
+    (``width``, optional ``stem``), ``vit`` (``patch_size``, ``depth``, ``width``, ``heads``,
+    ``mlp_dim``). Binary tasks get one logit."""
     from jaxunlearn import models
 
     shape = tuple(input_shape)
@@ -206,7 +207,8 @@ def build_model(kind: str, input_shape, num_classes: int, **kw):
     if kind == "mlp":
         return models.mlp(size, k, **({"hidden": tuple(kw["hidden"])} if kw.get("hidden") else {}))
     if kind in ("resnet18", "resnet50"):
-        return getattr(models, kind)(shape, k, width=kw["width"])
+        return getattr(models, kind)(shape, k, width=kw["width"],
+                                     **({"stem": kw["stem"]} if "stem" in kw else {}))
     if kind == "vit":
         return models.small_vit(shape, k, patch_size=kw["patch_size"], depth=kw["depth"],
                                 width=kw["width"], heads=kw["heads"], mlp_dim=kw["mlp_dim"])
@@ -215,8 +217,9 @@ def build_model(kind: str, input_shape, num_classes: int, **kw):
 
 def load_dataset(name: str, *, data_dir: str | None = None, seed: int = 0, image_size: int = 32,
                  max_train: int | None = None):
-    """A dataset by name. ``adult`` and ``digits`` are embedded; the others read ``data_dir``
-    (``bank``, ``german``: the UCI files; ``celeb_a``, ``civil_comments``, ``cifar100``: TFDS).
+    """A dataset by name. ``adult``, ``digits`` and ``digits_spurious`` are embedded; the others
+    read ``data_dir`` (``bank``, ``german``: the UCI files; ``celeb_a``, ``civil_comments``,
+    ``cifar100``: TFDS; ``waterbirds``, ``fairface``: metadata CSV + images at ``image_size``).
     ``max_train`` subsamples Adult's training split and caps the TFDS datasets' examples."""
     import jax
 
@@ -230,6 +233,8 @@ def load_dataset(name: str, *, data_dir: str | None = None, seed: int = 0, image
         return ds
     if name == "digits":
         return data.load_digits()
+    if name == "digits_spurious":
+        return data.load_digits_spurious()
     if data_dir is None:
         raise ValueError(f"dataset {name!r} is read from a directory: pass --data-dir")
     if name == "bank":
@@ -242,13 +247,19 @@ def load_dataset(name: str, *, data_dir: str | None = None, seed: int = 0, image
         return data.load_civil_comments(data_dir=data_dir, max_examples=max_train)
     if name == "cifar100":
         return data.load_cifar100(data_dir=data_dir, max_examples=max_train)
+    if name == "waterbirds":
+        return data.load_waterbirds(data_dir, size=image_size)
+    if name == "fairface":
+        return data.load_fairface(data_dir, size=image_size)
     raise ValueError(f"unknown dataset {name!r}")
 
 
 def train_model(model, split: dict, optimizer, *, epochs: int, batch_size: int, l2: float, init_key,
-                key, checkpoints=None, progress: bool = True, desc: str | None = None):
-    """Train ``model`` from ``model.init(init_key, x[:1])`` on ``split`` with
-    :func:`jaxunlearn.methods.train` through :func:`jaxunlearn.loop.run` (shuffles from ``key``).
+                key, checkpoints=None, progress: bool = True, desc: str | None = None,
+                variables=None):
+    """Train ``model`` from ``model.init(init_key, x[:1])`` (or from ``variables`` when given) on
+    ``split`` with :func:`jaxunlearn.methods.train` through :func:`jaxunlearn.loop.run` (shuffles
+    from ``key``).
 
     Returns:
       ``(variables, history)`` (history: one dict per epoch, :func:`jaxunlearn.loop.run`).
@@ -256,7 +267,8 @@ def train_model(model, split: dict, optimizer, *, epochs: int, batch_size: int, 
     from jaxunlearn import loop, methods
 
     trainer = methods.train(model.apply, optimizer, l2=l2)
-    variables = model.init(init_key, np.asarray(split["x"][:1]))
+    if variables is None:
+        variables = model.init(init_key, np.asarray(split["x"][:1]))
     variables, _, history = loop.run(trainer, variables, {"train": split}, epochs=epochs,
                                      batch_size=batch_size, key=key,
                                      checkpoints=checkpoints, progress=progress, desc=desc)

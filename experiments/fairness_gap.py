@@ -1,10 +1,10 @@
 """Fairness-gap and adversarial robustness of class-wise unlearning (Tran & Woo, seeds 000/001).
 
-    python -m experiments.fairness_gap [--preset quick|smoke|cifar10-resnet50|cifar10-vit]
-                                       [--out DIR] [--data-dir DIR] [--models M,..] [--methods M,..]
-                                       [--penalty-strength LAMBDA] [--seed S] [--no-progress]
+    python -m experiments.fairness_gap --config experiments/configs/fairness_gap_quick.py \\
+        [--set methods=GA,RL --set models=vit ...] [--out DIR] [--data-dir DIR] [--fresh]
 
-Pipeline, per model of the preset:
+``--preset quick|quick-cifar10|smoke|cifar10-resnet50|cifar10-vit`` is the short form of
+``--config``. Pipeline, per model of the config:
 
 1. train the original model (resumable Orbax checkpoints under ``DIR/checkpoints``);
 2. forget one class c: D_f = its training samples, D_r = the rest;
@@ -18,26 +18,24 @@ Pipeline, per model of the preset:
 5. test Conjecture 2 (higher fairness-gap <-> more vulnerable): Pearson r across the unlearned
    models between the mean per-layer fairness-gap and FGSM accuracy (negative r supports it).
 
-Outputs in ``DIR``: ``results.json``, ``report.md``, ``summary.csv`` (one row per model and
-method), ``fairness_gap_layers.csv`` (one row per model, method and layer),
+Outputs in ``DIR``: ``results.json`` (one row per model and method, rewritten after each; a rerun
+with the same config skips the finished rows, ``--fresh`` starts over), ``report.md``,
+``summary.csv``, ``fairness_gap_layers.csv`` (one row per model, method and layer),
 ``fairness_gap_layers_<model>.png`` (per-layer gap, one panel per method) and
-``conjecture2_<model>.png`` (gap vs adversarial accuracy). Finished rows are cached under
-``DIR/rows`` (keyed by a hash of everything that determines them) and the original and retrained
-models are checkpointed every epoch, so an interrupted run resumes where it stopped.
+``conjecture2_<model>.png`` (gap vs adversarial accuracy). The original and retrained models are
+checkpointed every epoch.
 
-Presets: ``quick`` (default; CPU, offline: scikit-learn digits with a width-8 ResNet-18 and a
-3-block SmallViT, 38 trained models, about 12 CPU-minutes on 2 cores; or a CIFAR-10 subset when
-``--data-dir`` holds TFDS cifar10), ``smoke`` (a tiny SmallViT, for tests), ``cifar10-resnet50``
-and ``cifar10-vit`` (paper scale, accelerators; TFDS cifar10 in ``--data-dir``).
+Configs: ``quick`` (default; CPU, offline: scikit-learn digits with a width-8 ResNet-18 and a
+3-block SmallViT, 38 trained models, about 12 CPU-minutes on 2 cores), ``quick-cifar10`` (the same
+on a 2,000-example CIFAR-10 subset from ``--data-dir``), ``smoke`` (a tiny SmallViT, for tests),
+``cifar10-resnet50`` and ``cifar10-vit`` (paper scale, accelerators; TFDS cifar10 in
+``--data-dir``).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -56,131 +54,41 @@ from jaxunlearn.methods.fairness_gap_penalty import with_fairness_gap_penalty
 METHODS = ("Retrain", "CF", "RL", "BS", "SalUn", "SCRUB", "GA", "L1-sparse")
 PENALTY_SUFFIX = "+FGP"
 INPUT_RANGE = (0.0, 1.0)  # every image loader returns pixels in [0, 1]
-ROWS_VERSION = 2  # part of the row-cache key: bump when what a row holds changes
-
-# ----------------------------------------------------------------------------- presets
-
-_UNLEARN_CPU = {
-    "batch_size": 64,
-    "epochs": 5,
-    "methods": {
-        "CF": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4),
-        "RL": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-3,
-                   forget_batch="proportional"),
-        "SalUn": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-3, threshold=0.5,
-                      forget_batch="proportional"),
-        "BS": dict(optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=0.0, eps=0.1,
-                   forget_batch=32),
-        "SCRUB": dict(optimizer="adam", lr=5e-4, alpha=0.5, gamma=1.0, temperature=2.0,
-                      max_epochs=2, forget_batch=64),
-        "GA": dict(optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=0.0, epochs=3,
-                   forget_batch=32),
-        "L1-sparse": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, alpha=5e-4),
-    },
-    "penalty": dict(methods=("RL", "SalUn"), strength=20.0, lr=0.01, target="variances"),
-}
-
-# Paper scale: the CPU recipe with the reference's batch size, epochs and small BS/GA rates.
-_UNLEARN_PAPER = {
-    **_UNLEARN_CPU,
-    "batch_size": 128,
-    "epochs": 10,
-    "methods": {
-        **_UNLEARN_CPU["methods"],
-        "BS": {**_UNLEARN_CPU["methods"]["BS"], "lr": 1e-5, "forget_batch": 128},
-        "SCRUB": {**_UNLEARN_CPU["methods"]["SCRUB"], "max_epochs": 3, "forget_batch": 128},
-        "GA": {**_UNLEARN_CPU["methods"]["GA"], "lr": 1e-4, "epochs": 5, "forget_batch": 128},
-    },
-}
-
-PRESETS = {
-    "quick": {
-        "data": dict(name="digits"),
-        "forget_class": 3,
-        "eval": dict(eps=8 / 255, eps_note="8/255 on [0, 1] pixels (digits: x = grey level / 16)",
-                     pgd_steps=10, per_channel=False, batch_size=512),
-        "models": {
-            "resnet18": dict(arch="resnet18", width=8, stem="cifar", last_k=3,
-                             train=dict(optimizer="adam", lr=3e-3, epochs=15, batch_size=64,
-                                        l2=1e-5)),
-            "vit": dict(arch="vit", patch_size=2, depth=3, width=64, heads=4, mlp_dim=128,
-                        last_k=2, train=dict(optimizer="adam", lr=2e-3, epochs=20, batch_size=64,
-                                             l2=1e-5),
-                        # The ViT is far more lr-sensitive (digits, 3-epoch sweeps): BS at 1e-3
-                        # collapses it (retain acc. 0.36), at 1e-4 still 0.65, at 2e-5 forget 0.12
-                        # / retain 0.96; GA at 1e-3 collapses it (0.18), at 3e-4 forgets nothing
-                        # (forget acc. 0.96), at 5e-4 forget 0.03 / retain 0.76.
-                        unlearn_overrides={"BS": dict(lr=2e-5), "GA": dict(lr=5e-4)}),
-        },
-        "unlearn": _UNLEARN_CPU,
-        # XLA memory analysis costs one extra compilation per variant; on CPU only for these.
-        "memory_analysis": ("Retrain", "CF", "RL", "SCRUB"),
-    },
-    "smoke": {
-        "data": dict(name="digits", max_train=240),
-        "forget_class": 3,
-        "eval": dict(eps=8 / 255, eps_note="8/255 on [0, 1] pixels", pgd_steps=1,
-                     per_channel=False, batch_size=512),
-        "models": {
-            "vit": dict(arch="vit", patch_size=4, depth=1, width=8, heads=2, mlp_dim=16, last_k=1,
-                        train=dict(optimizer="adam", lr=3e-3, epochs=1, batch_size=64, l2=0.0)),
-        },
-        "unlearn": {**_UNLEARN_CPU, "epochs": 1,
-                    "methods": {k: {**v, "epochs": 1, "max_epochs": 1} if k == "SCRUB"
-                                else {**v, "epochs": 1}
-                                for k, v in _UNLEARN_CPU["methods"].items()}},
-        "memory_analysis": (),
-    },
-    "cifar10-resnet50": {
-        "data": dict(name="cifar10"),
-        "forget_class": 9,  # truck
-        "eval": dict(eps=8 / 255, eps_note="8/255 on [0, 1] pixels", pgd_steps=10,
-                     per_channel=True, batch_size=1000),
-        "models": {
-            "resnet50": dict(arch="resnet50", width=64, stem="cifar", last_k=4,
-                             train=dict(optimizer="sgd", lr=0.1, momentum=0.9, epochs=100,
-                                        batch_size=128, l2=5e-4)),
-        },
-        "unlearn": _UNLEARN_PAPER,
-        "memory_analysis": METHODS,
-    },
-    "cifar10-vit": {
-        "data": dict(name="cifar10"),
-        "forget_class": 9,
-        "eval": dict(eps=8 / 255, eps_note="8/255 on [0, 1] pixels", pgd_steps=10,
-                     per_channel=True, batch_size=1000),
-        "models": {
-            "vit": dict(arch="vit", patch_size=4, depth=6, width=192, heads=3, mlp_dim=384,
-                        last_k=3, train=dict(optimizer="adam", lr=1e-3, epochs=100,
-                                             batch_size=128, l2=5e-5)),
-        },
-        "unlearn": _UNLEARN_PAPER,
-        "memory_analysis": METHODS,
-    },
-}
-
-# The quick preset on a CIFAR-10 subset (``--data-dir`` given): 32x32x3 inputs, 8/255.
-_QUICK_CIFAR = {
-    "data": dict(name="cifar10", max_examples=2000),
-    "eval": dict(eps=8 / 255, eps_note="8/255 on [0, 1] pixels", pgd_steps=10, per_channel=False,
-                 batch_size=512),
-    "vit": dict(patch_size=4),
-}
 
 
-def resolve_config(preset: str, data_dir: str | None = None) -> dict:
-    """The configuration of a preset (a deep copy), adapted to ``data_dir`` for ``quick``."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    cfg = copy.deepcopy(PRESETS[preset])
-    if preset == "quick" and data_dir:
-        cfg["data"] = dict(_QUICK_CIFAR["data"])
-        cfg["eval"] = dict(_QUICK_CIFAR["eval"])
-        cfg["models"]["vit"].update(_QUICK_CIFAR["vit"])
-    if cfg["data"]["name"] == "cifar10" and not data_dir:
-        raise ValueError(f"preset {preset!r} reads CIFAR-10 from TFDS: pass --data-dir DIR with "
-                         "cifar10 prepared in the array_record format")
-    return cfg
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One study (configs/fairness_gap_*.py).
+
+    ``recipes``: model name -> ``dict(arch, model kwargs, last_k, train=dict(optimizer, lr,
+    epochs, batch_size, l2[, momentum]), unlearn_overrides={method: hparams})``; ``models``: the
+    names to run (default: all). ``hparams``: method -> ``dict(optimizer, lr, momentum,
+    weight_decay, forget_batch (int or "proportional" = B |D_f| / |D_r|), epochs, the method's
+    own keys)``; ``methods``: the ones to run (default: all, with their +FGP). ``eps``: the
+    L-inf attack radius (``eps_note`` says it in words); ``memory_analysis``: the methods whose
+    compiled update memory is measured (one extra compilation each).
+    """
+
+    dataset: str = "digits"            # digits (embedded) or cifar10 (TFDS, --data-dir)
+    max_train: int | None = None       # digits: subsample the training split
+    max_examples: int | None = None    # cifar10: cap the TFDS examples
+    forget_class: int = 3
+    recipes: dict = dataclasses.field(default_factory=dict)
+    models: tuple | None = None
+    hparams: dict = dataclasses.field(default_factory=dict)
+    methods: tuple | None = None
+    unlearn_epochs: int = 5
+    unlearn_batch_size: int = 64
+    penalty_methods: tuple = ("RL", "SalUn")
+    penalty_strength: float = 20.0
+    penalty_lr: float = 0.01
+    penalty_target: str = "variances"
+    eps: float = 8 / 255
+    eps_note: str = "8/255 on [0, 1] pixels"
+    pgd_steps: int = 10
+    per_channel: bool = False
+    eval_batch_size: int = 512
+    memory_analysis: tuple = ()
 
 
 # ----------------------------------------------------------------------------- checks (pure)
@@ -297,55 +205,31 @@ def variant_name(method: str, k: int | None) -> str:
     return method if k is None else f"{method} [last {k}]"
 
 
-def fingerprint(obj) -> str:
-    """A short stable hash of a JSON-able configuration (row cache key)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def make_optimizer(hp: dict, total_steps: int | None = None) -> optax.GradientTransformation:
-    """``sgd`` (PyTorch style, weight decay added to the gradient) or ``adam``; cosine decay over
-    ``total_steps`` when given (the original-training recipe), constant otherwise."""
-    lr = optax.cosine_decay_schedule(hp["lr"], total_steps) if total_steps else hp["lr"]
-    wd = float(hp.get("weight_decay", 0.0))
-    if hp["optimizer"] == "sgd":
-        mom = hp.get("momentum") or None
-        tx = optax.sgd(lr, momentum=mom)
-    elif hp["optimizer"] == "adam":
-        tx = optax.adam(lr)
-    else:
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {hp['optimizer']!r}")
-    return optax.chain(optax.add_decayed_weights(wd), tx) if wd else tx
-
-
 # ----------------------------------------------------------------------------- data and models
 
-def load_dataset(cfg: dict, data_dir: str | None, seed: int, progress: bool) -> data.Dataset:
-    d = cfg["data"]
-    if d["name"] == "digits":
+def load_dataset(cfg: Config, data_dir: str | None, seed: int, progress: bool) -> data.Dataset:
+    if cfg.dataset == "digits":
+        if data_dir:
+            raise ValueError("--data-dir is not read by a digits config; for the quick study on "
+                             "CIFAR-10 pass --preset quick-cifar10 --data-dir DIR")
         ds = data.load_digits(seed=seed)
-        if d.get("max_train"):
+        if cfg.max_train:
             perm = data.host_rng((seed, 7)).permutation(len(ds.train["y"]))
-            rows = np.sort(perm[:d["max_train"]])
-            ds = dataclasses.replace(ds, train=data.take(ds.train, rows))
+            ds = dataclasses.replace(ds, train=data.take(ds.train, np.sort(perm[:cfg.max_train])))
         return ds
-    if d["name"] == "cifar10":
-        return data.load_cifar10(data_dir=data_dir, max_examples=d.get("max_examples"), seed=seed,
+    if cfg.dataset == "cifar10":
+        if not data_dir:
+            raise ValueError("this config reads CIFAR-10 from TFDS: pass --data-dir DIR with "
+                             "cifar10 prepared in the array_record format")
+        return data.load_cifar10(data_dir=data_dir, max_examples=cfg.max_examples, seed=seed,
                                  progress=progress)
-    raise ValueError(f"unknown dataset {d['name']!r}")
+    raise ValueError(f"dataset: unknown {cfg.dataset!r}; choose digits or cifar10")
 
 
-def build_model(mcfg: dict, input_shape, num_classes: int) -> models.Model:
-    """The model of a preset entry (``arch``: resnet18, resnet50 or vit)."""
-    arch = mcfg["arch"]
-    if arch == "resnet18":
-        return models.resnet18(input_shape, num_classes, width=mcfg["width"], stem=mcfg["stem"])
-    if arch == "resnet50":
-        return models.resnet50(input_shape, num_classes, width=mcfg["width"], stem=mcfg["stem"])
-    if arch == "vit":
-        return models.small_vit(input_shape, num_classes, patch_size=mcfg["patch_size"],
-                                depth=mcfg["depth"], width=mcfg["width"], heads=mcfg["heads"],
-                                mlp_dim=mcfg["mlp_dim"])
-    raise ValueError(f"unknown architecture {arch!r}")
+def build_model(recipe: dict, input_shape, num_classes: int) -> models.Model:
+    """The model of a recipe (``arch``: resnet18, resnet50 or vit; :func:`common.build_model`)."""
+    kw = {k: v for k, v in recipe.items() if k not in ("arch", "last_k", "train", "unlearn_overrides")}
+    return common.build_model(recipe["arch"], input_shape, num_classes, **kw)
 
 
 def class_splits(ds: data.Dataset, forget_class: int) -> dict:
@@ -367,28 +251,27 @@ def init_variables(model: models.Model, key, sample_x) -> dict:
     return dict(jax.jit(model.init)(key, jnp.asarray(sample_x)))
 
 
-def train_model(model: models.Model, tcfg: dict, split: dict, *, key, ckpt_dir: str | None,
+def train_model(model: models.Model, tcfg: dict, split: dict, *, key, ckpt_dir: str,
                 progress: bool, desc: str):
     """Train from scratch with a recipe (cosine-decayed optimizer, L2 in the objective),
     resuming from ``ckpt_dir``. Used for the original model and for Retrain (on D_r).
 
     Returns:
       ``(variables, seconds, history, tx)``: ``history`` has one row per epoch, including the
-      epochs of earlier (interrupted) runs (kept with the checkpoints by :func:`loop.run`), and
-      ``seconds`` is the sum of their epoch times (the first includes compilation).
+      epochs of earlier (interrupted) runs, and ``seconds`` is the sum of their epoch times (the
+      first includes compilation).
     """
     steps = tcfg["epochs"] * data.num_batches(data.split_size(split), tcfg["batch_size"])
-    tx = make_optimizer({**tcfg, "weight_decay": 0.0}, steps)
-    variables = init_variables(model, jax.random.fold_in(key, 0), split["x"][:1])
-    ck = checkpoint.Checkpointer(ckpt_dir) if ckpt_dir else None
+    tx = common.make_optimizer(tcfg["optimizer"], tcfg["lr"], steps=steps,
+                               momentum=tcfg.get("momentum"))
+    ck = checkpoint.Checkpointer(ckpt_dir)
     try:
-        variables, _, history = loop.run(methods.train(model.apply, tx, l2=tcfg["l2"]), variables,
-                                         {"train": split}, batch_size=tcfg["batch_size"],
-                                         epochs=tcfg["epochs"], key=jax.random.fold_in(key, 1),
-                                         checkpoints=ck, progress=progress, desc=desc)
+        variables, history = common.train_model(
+            model, split, tx, epochs=tcfg["epochs"], batch_size=tcfg["batch_size"], l2=tcfg["l2"],
+            init_key=None, variables=init_variables(model, jax.random.fold_in(key, 0), split["x"][:1]),
+            key=jax.random.fold_in(key, 1), checkpoints=ck, progress=progress, desc=desc)
     finally:
-        if ck is not None:
-            ck.close()
+        ck.close()
     return variables, float(sum(h["seconds"] for h in history)), history, tx
 
 
@@ -417,13 +300,13 @@ def adversarial_accuracy(apply_fn, variables, split: dict, *, attack: str, eps: 
 
 
 def evaluate_model(apply_fn, variables, splits: dict, *, num_classes: int, retained: list[int],
-                   norm_order: list[str], ecfg: dict, key) -> dict:
+                   norm_order: list[str], cfg: Config, key) -> dict:
     """Every metric of the study for one model (see the module docstring).
 
     Every split is evaluated in batches of one size (the smallest split's, at most
-    ``ecfg["batch_size"]``), so each evaluation function compiles once per model.
+    ``cfg.eval_batch_size``), so each evaluation function compiles once per model.
     """
-    bs = min([ecfg["batch_size"]] + [data.split_size(s) for s in splits.values()])
+    bs = min([cfg.eval_batch_size] + [data.split_size(s) for s in splits.values()])
     ev = evaluation.evaluator(apply_fn, {"acc": evaluation.accuracy()}, batch_size=bs)
     acc = lambda s: ev(variables, splits[s])["acc"]["accuracy"]
     row = {"forget_acc": acc("forget"), "retain_acc": acc("retain"), "test_acc": acc("test_retain")}
@@ -434,7 +317,7 @@ def evaluate_model(apply_fn, variables, splits: dict, *, num_classes: int, retai
     row["mia"] = m["forget_nonmember_rate"]
     row["mia_auc"] = m["auc"]
     gaps = metrics.fairness_gap(apply_fn, variables, splits["retain"], num_classes=num_classes,
-                                batch_size=bs, per_channel=ecfg["per_channel"],
+                                batch_size=bs, per_channel=cfg.per_channel,
                                 classes=retained)
     missing = [n for n in norm_order if n not in gaps]
     if missing:
@@ -442,8 +325,8 @@ def evaluate_model(apply_fn, variables, splits: dict, *, num_classes: int, retai
     row.update(gap_summary(gaps, norm_order))
     for attack in ("fgsm", "pgd"):
         row[f"{attack}_acc"] = adversarial_accuracy(
-            apply_fn, variables, splits["test_retain"], attack=attack, eps=ecfg["eps"],
-            steps=ecfg["pgd_steps"], batch_size=bs,
+            apply_fn, variables, splits["test_retain"], attack=attack, eps=cfg.eps,
+            steps=cfg.pgd_steps, batch_size=bs,
             key=jax.random.fold_in(key, int(attack == "pgd")))
     row["gaps"] = {n: gaps[n] for n in norm_order}
     return row
@@ -482,129 +365,115 @@ def update_memory(method: base.Method, variables, state, splits: dict, *, batch_
 class Context:
     """What every method run of one model shares (:func:`run_model` builds it)."""
 
+    cfg: Config
     model: models.Model
     model_name: str
+    recipe: dict            # cfg.recipes[model_name]
     original: dict          # the original model's variables
     splits: dict            # class_splits(...): forget, retain, val_retain, test_retain, ...
     num_classes: int
     retained: list          # the retained classes
     norm_order: list        # normalisation layers in call order
-    eval: dict              # the preset's "eval" block
-    unlearn: dict           # the preset's "unlearn" block
-    train_cfg: dict         # the model's original-training recipe
-    model_cfg: dict
     key: jax.Array
     out: str
     progress: bool
-    memory_analysis: tuple  # methods whose compiled update memory is measured
 
     @property
     def apply(self):
         return self.model.apply
 
 
-def method_hparams(ucfg: dict, mcfg: dict, method: str) -> dict:
-    """A method's hyperparameters: the preset's, updated by the model's ``unlearn_overrides``."""
-    if method not in ucfg["methods"]:
+def method_hparams(cfg: Config, recipe: dict, method: str) -> dict:
+    """A method's hyperparameters: the config's, updated by the recipe's ``unlearn_overrides``."""
+    if method not in cfg.hparams:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    return {**ucfg["methods"][method], **mcfg.get("unlearn_overrides", {}).get(method, {})}
+    return {**cfg.hparams[method], **recipe.get("unlearn_overrides", {}).get(method, {})}
 
 
-def build_method(name: str, ctx: "Context", trainable, k: int | None) -> tuple[base.Method, dict, float]:
+def build_method(name: str, ctx: Context, trainable) -> tuple[base.Method, dict, float]:
     """``(method, run_kwargs, setup_seconds)`` for one method (not Retrain) and trainable mask."""
-    apply_fn, ucfg = ctx.apply, ctx.unlearn
-    base_name = name[:-len(PENALTY_SUFFIX)] if name.endswith(PENALTY_SUFFIX) else name
-    hp = method_hparams(ucfg, ctx.model_cfg, base_name)
-    tx = make_optimizer(hp)
+    apply_fn, cfg = ctx.apply, ctx.cfg
+    base_name = name.removesuffix(PENALTY_SUFFIX)
+    hp = method_hparams(cfg, ctx.recipe, base_name)
+    tx = common.make_optimizer(hp["optimizer"], hp["lr"], momentum=hp.get("momentum"),
+                               weight_decay=hp.get("weight_decay", 0.0))
+    epochs = int(hp.get("epochs", cfg.unlearn_epochs))
     t0 = time.perf_counter()
-    if base_name == "CF":
-        m = methods.finetune(apply_fn, optimizer=tx, trainable=trainable, name="CF")
-    elif base_name == "RL":
-        m = methods.random_labels(apply_fn, optimizer=tx, trainable=trainable)
-    elif base_name == "SalUn":
+    if base_name == "SalUn":  # the saliency mask (of the trainable leaves) is part of its cost
         mask = methods.saliency_mask(apply_fn, ctx.original, ctx.splits["forget"],
                                      threshold=hp["threshold"], trainable=trainable)
         trainable = base.combine_masks(mask, trainable)
-        m = methods.salun(apply_fn, mask, optimizer=tx)
-    elif base_name == "BS":
-        m = methods.boundary_shrink(apply_fn, eps=hp["eps"], input_range=INPUT_RANGE, optimizer=tx,
-                                    trainable=trainable)
-    elif base_name == "SCRUB":
-        m = methods.scrub(apply_fn, alpha=hp["alpha"], gamma=hp["gamma"],
-                          temperature=hp["temperature"], max_epochs=hp["max_epochs"],
-                          optimizer=tx, trainable=trainable)
-    elif base_name == "GA":
-        m = methods.gradient_ascent(apply_fn, optimizer=tx, trainable=trainable)
-    elif base_name == "L1-sparse":
-        m = methods.l1_sparse(apply_fn, epochs=int(hp.get("epochs", ucfg["epochs"])), alpha=hp["alpha"],
-                              optimizer=tx, trainable=trainable)
-    else:
-        raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+    make = {
+        "CF": lambda: methods.finetune(apply_fn, optimizer=tx, trainable=trainable, name="CF"),
+        "RL": lambda: methods.random_labels(apply_fn, optimizer=tx, trainable=trainable),
+        "SalUn": lambda: methods.salun(apply_fn, mask, optimizer=tx),
+        "BS": lambda: methods.boundary_shrink(apply_fn, eps=hp["eps"], input_range=INPUT_RANGE,
+                                              optimizer=tx, trainable=trainable),
+        "SCRUB": lambda: methods.scrub(apply_fn, alpha=hp["alpha"], gamma=hp["gamma"],
+                                       temperature=hp["temperature"], max_epochs=hp["max_epochs"],
+                                       optimizer=tx, trainable=trainable),
+        "GA": lambda: methods.gradient_ascent(apply_fn, optimizer=tx, trainable=trainable),
+        "L1-sparse": lambda: methods.l1_sparse(apply_fn, epochs=epochs, alpha=hp["alpha"],
+                                               optimizer=tx, trainable=trainable),
+    }
+    m = make[base_name]()
     if name.endswith(PENALTY_SUFFIX):
-        pcfg = ucfg["penalty"]
-        m = with_fairness_gap_penalty(m, apply_fn, strength=pcfg["strength"],
-                                      num_classes=ctx.num_classes,
-                                      optimizer=optax.sgd(pcfg["lr"]), trainable=trainable,
-                                      classes=ctx.retained,
-                                      per_channel=ctx.eval["per_channel"],
-                                      target=pcfg["target"])
+        m = with_fairness_gap_penalty(m, apply_fn, strength=cfg.penalty_strength,
+                                      num_classes=ctx.num_classes, optimizer=optax.sgd(cfg.penalty_lr),
+                                      trainable=trainable, classes=ctx.retained,
+                                      per_channel=cfg.per_channel, target=cfg.penalty_target)
     setup = time.perf_counter() - t0
     nf, nr = (data.split_size(ctx.splits[s]) for s in ("forget", "retain"))
-    bsz = ucfg["batch_size"]
+    bsz = cfg.unlearn_batch_size
     fb = forget_batch_size(hp.get("forget_batch", bsz), bsz, nf, nr)
-    run_kw = {"epochs": int(hp.get("epochs", ucfg["epochs"])), "batch_size": bsz,
-              "batch_sizes": {"forget": fb}}
-    return m, {"trainable": trainable, **run_kw}, setup
+    return m, {"trainable": trainable, "epochs": epochs, "batch_size": bsz,
+               "batch_sizes": {"forget": fb}}, setup
 
 
 def _steady_epoch_seconds(history: list[dict]) -> float:
     """The fastest epoch after the first (which compiles): on a shared machine the minimum is the
-    least load-dependent estimate of the cost. NaN if nothing ran (resumed from a checkpoint)."""
+    least load-dependent estimate of the cost. NaN if nothing ran."""
     secs = [h["seconds"] for h in history]
     if not secs:
         return float("nan")
     return float(min(secs[1:] if len(secs) > 1 else secs))
 
 
-def run_variant(name: str, k: int | None, ctx: "Context") -> dict:
+def run_variant(name: str, k: int | None, ctx: Context) -> dict:
     """Run one method (full model, or the last k blocks) from the original model and evaluate."""
-    params = ctx.original["params"]
+    params, tcfg = ctx.original["params"], ctx.recipe["train"]
     trainable = None if k is None else models.last_k_mask(params, k)
     # X+FGP shares X's key (random labels, batch order): the pair differs only by the penalty.
-    paired = name[:-len(PENALTY_SUFFIX)] if name.endswith(PENALTY_SUFFIX) else name
-    key = jax.random.fold_in(ctx.key, zlib.crc32(variant_name(paired, k).encode()))
+    key = jax.random.fold_in(ctx.key, zlib.crc32(variant_name(name.removesuffix(PENALTY_SUFFIX),
+                                                              k).encode()))
     row = {"model": ctx.model_name, "method": name, "scope": "full" if k is None else f"last{k}"}
-    if name == "Retrain":
-        tcfg = ctx.train_cfg
-        if k is None:
-            variables, seconds, history, tx = train_model(
-                ctx.model, tcfg, ctx.splits["retain"], key=key,
-                ckpt_dir=os.path.join(ctx.out, "checkpoints", ctx.model_name, "retrain"),
-                progress=ctx.progress, desc=f"{ctx.model_name} retrain")
-            row.update(time_s=seconds, setup_s=0.0, epoch_s=_steady_epoch_seconds(history),
-                       epochs=tcfg["epochs"], timed_epochs=len(history),
-                       trainable_params=count_trainable(params),
-                       opt_state_bytes=tree_bytes(jax.eval_shape(tx.init, params)))
-            if name in ctx.memory_analysis:
-                trainer = methods.retrain(ctx.apply, tx, l2=tcfg["l2"])
-                row.update(compiled_memory(trainer.update, ctx.original,
-                                           trainer.init(ctx.original),
-                                           {"retain": _batch(ctx.splits["retain"],
-                                                             tcfg["batch_size"])}, key))
-            return _finish(row, variables, ctx)
-        # EU-k: re-initialise the last k blocks and retrain only them with the original recipe.
+    measure_memory = name in ctx.cfg.memory_analysis
+    if name == "Retrain" and k is None:
+        variables, seconds, history, tx = train_model(
+            ctx.model, tcfg, ctx.splits["retain"], key=key,
+            ckpt_dir=os.path.join(ctx.out, "checkpoints", ctx.model_name, "retrain"),
+            progress=ctx.progress, desc=f"{ctx.model_name} retrain")
+        row.update(time_s=seconds, setup_s=0.0, epoch_s=_steady_epoch_seconds(history),
+                   epochs=tcfg["epochs"], timed_epochs=len(history),
+                   trainable_params=count_trainable(params),
+                   opt_state_bytes=tree_bytes(jax.eval_shape(tx.init, params)))
+        if measure_memory:
+            trainer = methods.retrain(ctx.apply, tx, l2=tcfg["l2"])
+            row.update(compiled_memory(trainer.update, ctx.original, trainer.init(ctx.original),
+                                       {"retain": _batch(ctx.splits["retain"], tcfg["batch_size"])},
+                                       key))
+        return _finish(row, variables, ctx)
+    if name == "Retrain":  # EU-k: re-initialise the last k blocks, retrain only them (the recipe)
         steps = tcfg["epochs"] * data.num_batches(data.split_size(ctx.splits["retain"]),
                                                   tcfg["batch_size"])
-        tx = make_optimizer({**tcfg, "weight_decay": tcfg["l2"]}, steps)
-        fresh = init_variables(ctx.model, jax.random.fold_in(key, 99),
-                               ctx.splits["retain"]["x"][:1])
+        tx = common.make_optimizer(tcfg["optimizer"], tcfg["lr"], steps=steps,
+                                   momentum=tcfg.get("momentum"), weight_decay=tcfg["l2"])
+        fresh = init_variables(ctx.model, jax.random.fold_in(key, 99), ctx.splits["retain"]["x"][:1])
         method = methods.eu_k(ctx.apply, fresh, trainable, optimizer=tx)
-        run_kw = {"epochs": tcfg["epochs"], "batch_size": tcfg["batch_size"],
-                  "batch_sizes": None, "trainable": trainable}
-        setup = 0.0
+        run_kw, setup = {"epochs": tcfg["epochs"], "batch_size": tcfg["batch_size"]}, 0.0
     else:
-        method, run_kw, setup = build_method(name, ctx, trainable, k)
-    trainable = run_kw.pop("trainable")
+        method, run_kw, setup = build_method(name, ctx, trainable)
+        trainable = run_kw.pop("trainable")
     t0 = time.perf_counter()
     forget = ctx.splits["forget"]
     sets = {"forget": {**forget, "weight": -np.ones(data.split_size(forget), np.float32)},
@@ -615,112 +484,89 @@ def run_variant(name: str, k: int | None, ctx: "Context") -> dict:
     row.update(time_s=seconds + setup, setup_s=setup, epoch_s=_steady_epoch_seconds(history),
                epochs=run_kw["epochs"], trainable_params=count_trainable(params, trainable),
                opt_state_bytes=optimizer_state_bytes(state))
-    if name in ctx.memory_analysis:
-        row.update(update_memory(method, ctx.original, method.init(ctx.original),
-                                 ctx.splits, batch_size=run_kw["batch_size"],
-                                 forget_batch=(run_kw["batch_sizes"] or {}).get("forget", 1), key=key))
-    last = history[-1]
-    if "fg_penalty" in last:
-        row["fg_penalty_last_epoch"] = last["fg_penalty"]
+    if measure_memory:
+        row.update(update_memory(method, ctx.original, method.init(ctx.original), ctx.splits,
+                                 batch_size=run_kw["batch_size"],
+                                 forget_batch=run_kw.get("batch_sizes", {}).get("forget", 1), key=key))
+    if "fg_penalty" in history[-1]:
+        row["fg_penalty_last_epoch"] = history[-1]["fg_penalty"]
     return _finish(row, variables, ctx)
 
 
-def _finish(row: dict, variables, ctx: "Context") -> dict:
-    row.update(evaluate_model(ctx.apply, variables, ctx.splits,
-                              num_classes=ctx.num_classes, retained=ctx.retained,
-                              norm_order=ctx.norm_order,
-                              ecfg=ctx.eval, key=jax.random.fold_in(ctx.key, 7)))
-    return row
-
-
-def _cached(path: str, fp: str, compute):
-    """Reuse the JSON row at ``path`` if its fingerprint matches, else compute and store it."""
-    if os.path.exists(path):
-        with open(path) as f:
-            stored = json.load(f)
-        if stored.get("fingerprint") == fp:
-            return stored["row"]
-    row = compute()
-    common.write_json(path, {"fingerprint": fp, "row": row})
+def _finish(row: dict, variables, ctx: Context) -> dict:
+    row.update(evaluate_model(ctx.apply, variables, ctx.splits, num_classes=ctx.num_classes,
+                              retained=ctx.retained, norm_order=ctx.norm_order, cfg=ctx.cfg,
+                              key=jax.random.fold_in(ctx.key, 7)))
     return row
 
 
 # ----------------------------------------------------------------------------- one model
 
-def variants(cfg: dict, method_filter=None) -> list[tuple[str, str]]:
+def variants(cfg: Config) -> list[tuple[str, str]]:
     """``(method, scope)`` pairs of a model's run, scope ``"full"`` or ``"k"`` (the last k blocks):
-    every method on the full model, then on the last k blocks, then the +FGP methods (full)."""
-    chosen = [m for m in METHODS if method_filter is None or m in method_filter]
-    pen = [m + PENALTY_SUFFIX for m in cfg["unlearn"]["penalty"]["methods"]
-           if method_filter is None or m in method_filter or m + PENALTY_SUFFIX in method_filter]
+    every chosen method on the full model, then on the last k blocks, then the +FGP methods."""
+    want = None if cfg.methods is None else set(cfg.methods)
+    chosen = [m for m in METHODS if want is None or m in want]
+    pen = [m + PENALTY_SUFFIX for m in cfg.penalty_methods
+           if want is None or m in want or m + PENALTY_SUFFIX in want]
     return [(m, "full") for m in chosen] + [(m, "k") for m in chosen] + [(m, "full") for m in pen]
 
 
-def run_model(model_name: str, cfg: dict, ds: data.Dataset, *, out: str, seed: int,
-              progress: bool, method_filter=None) -> dict:
-    """Train, unlearn and evaluate one model of the preset; returns its rows and correlations."""
-    mcfg = cfg["models"][model_name]
-    shape = tuple(ds.train["x"].shape[1:])
-    model = build_model(mcfg, shape, ds.num_classes)
-    ecfg = cfg["eval"]
-    check_attack_eps(ecfg["eps"])
+def run_model(model_name: str, cfg: Config, ds: data.Dataset, *, out: str, seed: int,
+              progress: bool, rows: list | None = None, save=lambda: None) -> dict:
+    """Train, unlearn and evaluate one model of the config; returns its rows and correlations.
+
+    ``rows`` holds the finished rows of an earlier run (they are kept, not recomputed) and gets
+    each new row appended, after which ``save()`` is called.
+    """
+    recipe = cfg.recipes[model_name]
+    model = build_model(recipe, tuple(ds.train["x"].shape[1:]), ds.num_classes)
+    check_attack_eps(cfg.eps)
     sample = ds.train["x"][:2]
     abstract = jax.eval_shape(model.init, jax.random.key(0), sample)
-    blocks = check_last_k(abstract["params"], mcfg["last_k"])
+    blocks = check_last_k(abstract["params"], recipe["last_k"])
     norm_order = check_norm_layers(model, abstract, sample)
-    splits = class_splits(ds, cfg["forget_class"])
-    retained = [c for c in range(ds.num_classes) if c != cfg["forget_class"]]
-    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(model_name.encode()))
-
-    original, train_s, history, _ = train_model(
-        model, mcfg["train"], ds.train, key=key,
-        ckpt_dir=os.path.join(out, "checkpoints", model_name, "original"), progress=progress,
-        desc=f"{model_name} original")
-    ctx = Context(model=model, model_name=model_name, original=original, splits=splits,
-                  num_classes=ds.num_classes, retained=retained, norm_order=norm_order, eval=ecfg,
-                  unlearn=cfg["unlearn"], train_cfg=mcfg["train"], model_cfg=mcfg, key=key,
-                  out=out, progress=progress, memory_analysis=tuple(cfg["memory_analysis"]))
-    # A method's own hyperparameters (overrides included) enter its row's key below.
-    model_fp = {k: v for k, v in mcfg.items() if k != "unlearn_overrides"}
-    base_fp = {"version": ROWS_VERSION, "model": model_fp, "data": cfg["data"],
-               "forget_class": cfg["forget_class"], "eval": ecfg, "seed": seed,
-               "memory": cfg["memory_analysis"]}
-    rows_dir = os.path.join(out, "rows", model_name)
-
-    def original_row():
-        row = {"model": model_name, "method": "Original", "scope": "full", "time_s": train_s,
-               "epochs": mcfg["train"]["epochs"],
-               "timed_epochs": len(history), "epoch_s": _steady_epoch_seconds(history),
-               "trainable_params": count_trainable(original["params"])}
-        return _finish(row, original, ctx)
-
-    rows = [_cached(os.path.join(rows_dir, "Original.json"), fingerprint(base_fp), original_row)]
-    for name, scope in variants(cfg, method_filter):
-        k = mcfg["last_k"] if scope == "k" else None
-        label = variant_name(name, k)
-        base_name = name.replace(PENALTY_SUFFIX, "")
-        hp = mcfg["train"] if base_name == "Retrain" else \
-            method_hparams(cfg["unlearn"], mcfg, base_name)
-        fp = fingerprint({**base_fp, "method": name, "k": k, "hp": hp,
-                          "unlearn": {x: cfg["unlearn"][x] for x in ("batch_size", "epochs")},
-                          "penalty": cfg["unlearn"]["penalty"] if PENALTY_SUFFIX in name else None})
-        fname = label.replace(" ", "_").replace("[", "").replace("]", "") + ".json"
+    splits = class_splits(ds, cfg.forget_class)
+    rows = [] if rows is None else rows
+    done = {(r["method"], r["scope"]): r for r in rows if r["model"] == model_name}
+    todo = [("Original", "full")] + [(m, f"last{recipe['last_k']}" if s == "k" else s)
+                                     for m, s in variants(cfg)]
+    if any(t not in done for t in todo):
+        key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(model_name.encode()))
+        original, train_s, history, _ = train_model(
+            model, recipe["train"], ds.train, key=key,
+            ckpt_dir=os.path.join(out, "checkpoints", model_name, "original"), progress=progress,
+            desc=f"{model_name} original")
+        ctx = Context(cfg=cfg, model=model, model_name=model_name, recipe=recipe, original=original,
+                      splits=splits, num_classes=ds.num_classes,
+                      retained=[c for c in range(ds.num_classes) if c != cfg.forget_class],
+                      norm_order=norm_order, key=key, out=out, progress=progress)
+    for method, scope in todo:
+        if (method, scope) in done:
+            continue
         t0 = time.perf_counter()
-        row = _cached(os.path.join(rows_dir, fname), fp,
-                      functools.partial(run_variant, name, k, ctx))
-        print(f"  {model_name:9s} {label:22s} forget {row['forget_acc']:.3f} retain "
-              f"{row['retain_acc']:.3f} test {row['test_acc']:.3f} gap {row['gap_mean']:.4f} "
-              f"fgsm {row['fgsm_acc']:.3f} pgd {row['pgd_acc']:.3f} "
-              f"({time.perf_counter() - t0:.0f} s)",
-              flush=True)
+        if method == "Original":
+            row = _finish({"model": model_name, "method": "Original", "scope": "full",
+                           "time_s": train_s, "epochs": recipe["train"]["epochs"],
+                           "timed_epochs": len(history), "epoch_s": _steady_epoch_seconds(history),
+                           "trainable_params": count_trainable(original["params"])}, original, ctx)
+        else:
+            row = run_variant(method, None if scope == "full" else recipe["last_k"], ctx)
+        print(f"  {model_name:9s} {variant_name(method, None if scope == 'full' else recipe['last_k']):22s}"
+              f" forget {row['forget_acc']:.3f} retain {row['retain_acc']:.3f} test "
+              f"{row['test_acc']:.3f} gap {row['gap_mean']:.4f} fgsm {row['fgsm_acc']:.3f} pgd "
+              f"{row['pgd_acc']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        done[(method, scope)] = row
         rows.append(row)
-    for r in rows:
+        save()
+    mine = [done[t] for t in todo]
+    for r in mine:
         add_relative_robustness(r)
-        r["gap_shift"] = gap_shift(r["gaps"], rows[0]["gaps"], norm_order)
-    return {"model": model_name, "config": mcfg, "blocks": blocks, "last_k": mcfg["last_k"],
-            "norm_layers": norm_order, "forget_class": cfg["forget_class"],
+        r["gap_shift"] = gap_shift(r["gaps"], mine[0]["gaps"], norm_order)
+    return {"model": model_name, "blocks": blocks, "last_k": recipe["last_k"],
+            "norm_layers": norm_order, "forget_class": cfg.forget_class,
             "sizes": {s: data.split_size(v) for s, v in splits.items()},
-            "rows": rows, "correlations": correlations(rows), "savings": savings(rows)}
+            "rows": mine, "correlations": correlations(mine), "savings": savings(mine)}
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -876,21 +722,20 @@ def flat_rows(results: list[dict]) -> tuple[list[dict], list[dict]]:
     return summary, layers
 
 
-def report(results: list[dict], cfg: dict, args) -> str:
-    ecfg = cfg["eval"]
+def report(results: list[dict], cfg: Config, name: str) -> str:
     title = "Fairness-gap and adversarial robustness of class-wise unlearning"
-    lines = [f"# {title} ({args.preset})\n",
-             f"Data: {cfg['data']['name']}; forget class {cfg['forget_class']}. Accuracies are "
+    lines = [f"# {title} ({name})\n",
+             f"Data: {cfg.dataset}; forget class {cfg.forget_class}. Accuracies are "
              "fractions: forget = D_f (train), retain = D_r, test = test samples of the retained "
              "classes. MIA = fraction of D_f a loss-threshold attack (fitted on D_r vs. held-out "
              "retained-class samples) calls non-member. Fairness-gap per normalisation layer l: "
              "max_c - min_c of the class-c feature variance on D_r over the retained classes "
-             f"(per_channel={ecfg['per_channel']}); gap_mean = mean over layers, gap_last = the "
+             f"(per_channel={cfg.per_channel}); gap_mean = mean over layers, gap_last = the "
              "last "
              "normalisation layer in call order, gap_max = the largest, gap_shift = mean over "
              "layers of |gap_l - gap_l(Original)| (Conjecture 1 asks for 0). FGSM / PGD: white-box "
-             f"L-inf attacks, eps = {ecfg['eps_note']}; PGD {ecfg['pgd_steps']} steps of "
-             f"2.5 eps / {ecfg['pgd_steps']} with a random start; on the test samples of the "
+             f"L-inf attacks, eps = {cfg.eps_note}; PGD {cfg.pgd_steps} steps of "
+             f"2.5 eps / {cfg.pgd_steps} with a random start; on the test samples of the "
              "retained classes. time_s = wall time of the method incl. compilation (and the "
              "saliency mask), epoch_s = the fastest epoch after the first (compilation). Pixels "
              "are in [0, 1].\n"]
@@ -930,57 +775,45 @@ def report(results: list[dict], cfg: dict, args) -> str:
     return "\n".join(lines)
 
 
-def _extra_flags(p):
-    p.add_argument("--data-dir", default=None, help="TFDS data_dir with cifar10 (array_record)")
-    p.add_argument("--models", default=None, help="comma-separated subset of the preset's models")
-    p.add_argument("--methods", default=None,
-                   help=f"comma-separated subset of {', '.join(METHODS)} (and their +FGP)")
-    p.add_argument("--penalty-strength", type=float, default=None,
-                   help="lambda of the fairness-gap penalty (+FGP rows; default: the preset's)")
-
-
 def main(argv=None) -> dict:
-    args = common.parse_preset_args(__doc__.splitlines()[0], presets=tuple(PRESETS),
-                                    default_out="runs/fairness_gap", extra=_extra_flags, argv=argv)
+    def extra(p):
+        p.add_argument("--data-dir", default=None, help="TFDS data_dir with cifar10 (array_record)")
+
+    args, cfg, name = common.parse_args(__doc__.splitlines()[0], driver="fairness_gap",
+                                        config_cls=Config, default_out="runs/fairness_gap",
+                                        extra=extra, argv=argv)
+    unknown = sorted(set(cfg.models or ()) - set(cfg.recipes))
+    if unknown:
+        raise ValueError(f"models: unknown {unknown}; the config has {sorted(cfg.recipes)}")
+    unknown = sorted(set(cfg.methods or ()) - set(METHODS) - {m + PENALTY_SUFFIX for m in METHODS})
+    if unknown:
+        raise ValueError(f"methods: unknown {unknown}; choose from {METHODS} (and X{PENALTY_SUFFIX})")
+    check_attack_eps(cfg.eps)
+    ds = load_dataset(cfg, args.data_dir, args.seed, not args.no_progress)
+    path = os.path.join(args.out, "results.json")
     if args.fresh:
-        for sub in ("rows", "checkpoints"):
-            shutil.rmtree(os.path.join(args.out, sub), ignore_errors=True)
-    cfg = resolve_config(args.preset, args.data_dir)
-    if args.models:
-        want = [m.strip() for m in args.models.split(",") if m.strip()]
-        unknown = [m for m in want if m not in cfg["models"]]
-        if unknown:
-            raise ValueError(f"unknown models {unknown}; the preset has {sorted(cfg['models'])}")
-        cfg["models"] = {m: cfg["models"][m] for m in want}
-    method_filter = None
-    if args.methods:
-        method_filter = {m.strip() for m in args.methods.split(",") if m.strip()}
-        known = set(METHODS) | {m + PENALTY_SUFFIX for m in METHODS}
-        if method_filter - known:
-            raise ValueError(f"unknown methods {sorted(method_filter - known)}; "
-                             f"choose from {METHODS}")
-    if args.penalty_strength is not None:
-        cfg["unlearn"]["penalty"]["strength"] = float(args.penalty_strength)
-    check_attack_eps(cfg["eval"]["eps"])
-    progress = not args.no_progress
-    ds = load_dataset(cfg, args.data_dir, args.seed, progress)
+        shutil.rmtree(os.path.join(args.out, "checkpoints"), ignore_errors=True)
+    signature = {"config": dataclasses.asdict(cfg), "seed": args.seed}
+    rows = [] if args.fresh else common.resume_rows(path, signature)
+    save = lambda: common.write_json(path, {"signature": signature, "rows": rows})
     t0 = time.perf_counter()
     results = []
-    for name in cfg["models"]:
-        print(f"[{name}]", flush=True)
-        res = run_model(name, cfg, ds, out=args.out, seed=args.seed, progress=progress,
-                        method_filter=method_filter)
+    for model_name in cfg.models or tuple(cfg.recipes):
+        print(f"[{model_name}]", flush=True)
+        res = run_model(model_name, cfg, ds, out=args.out, seed=args.seed,
+                        progress=not args.no_progress, rows=rows, save=save)
         results.append(res)
-        plot_layers(res, os.path.join(args.out, f"fairness_gap_layers_{name}.png"))
-        plot_scatter(res, os.path.join(args.out, f"conjecture2_{name}.png"))
+        plot_layers(res, os.path.join(args.out, f"fairness_gap_layers_{model_name}.png"))
+        plot_scatter(res, os.path.join(args.out, f"conjecture2_{model_name}.png"))
     summary, layers = flat_rows(results)
-    out = {"preset": args.preset, "seed": args.seed, "config": cfg,
+    out = {"signature": signature, "preset": name, "seed": args.seed,
            "environment": common.environment(), "seconds": time.perf_counter() - t0,
-           "models": results}
-    common.write_json(os.path.join(args.out, "results.json"), out)
+           "models": [{k: v for k, v in r.items() if k != "rows"} for r in results],
+           "rows": [r for res in results for r in res["rows"]]}
+    common.write_json(path, out)
     common.write_csv(os.path.join(args.out, "summary.csv"), summary)
     common.write_csv(os.path.join(args.out, "fairness_gap_layers.csv"), layers)
-    text = report(results, cfg, args)
+    text = report(results, cfg, name)
     common.write_text(os.path.join(args.out, "report.md"), text)
     print(text)
     return out

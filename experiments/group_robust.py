@@ -1,11 +1,12 @@
 """Group-robust unlearning (De Min et al. 2025): skewed forget sets, reweighting, MIU, group metrics.
 
-    python -m experiments.group_robust [--preset quick|celeba|waterbirds|fairface] [--out DIR]
-                                       [--data-dir DIR]
+    python -m experiments.group_robust --config experiments/configs/group_robust_quick.py \\
+        [--set ratios=0.5,0.9 ...] [--out DIR] [--data-dir DIR] [--fresh]
 
-The forget set is a fraction r in {0.1, 0.5, 0.9} of one (target, sensitive) cell of the training
-set (``data.forget_group``), so it is dominated by one group. For every dataset and ratio the
-driver trains the original model once, then compares on the same split:
+``--preset quick|tiny|celeba|waterbirds|fairface`` is the short form of ``--config``. The forget set
+is a fraction r of one (target, sensitive) cell of the training set (``data.forget_group``), so it
+is dominated by one group. For every dataset and ratio the driver trains the original model once,
+then compares on the same split:
 
 * exact unlearning: retraining on D_r, and De Min's group-reweighted retraining with the weights
   ``w = N_train(g) / N_retain(g)`` (``weights.group_weights``) used as a weighted sampler with
@@ -23,27 +24,26 @@ on the forget cell), worst-group accuracy over the test (target, sensitive) cell
 ToW against the reweighted retrain (the paper's reference for group-robust unlearning) and against
 the plain retrain.
 
-Presets: ``quick`` (default; offline, CPU, about 5.5 CPU-minutes): Adult (target income > 50K,
-sensitive sex; forget cell = high-income women) and scikit-learn digits with a spurious frame cue
-(forget cell = digit 9 without frame, a minority cell: odd digits mostly have the frame), both with
-an MLP; the MINE estimators use Adam 1e-3 there (the reference's SGD 0.01 / momentum 0.9 diverged on
-these features). ``celeba`` (Blond_Hair / Male; forget blond men), ``waterbirds`` (bird / place;
-forget waterbirds on land), ``fairface`` (age bin / race; forget age 20-29, Black) train ResNet-18
-from ``--data-dir`` with the reference's recipes, from scratch (the reference fine-tunes an
-ImageNet-pretrained ResNet-18). ``tiny`` is the test preset.
+Configs (``experiments/configs/group_robust_*.py``): ``quick`` (default; offline, CPU, about 5.5
+CPU-minutes): Adult (target income > 50K, sensitive sex; forget cell = high-income women) and
+scikit-learn digits with a spurious frame cue (forget cell = digit 9 without frame, a minority cell),
+both with an MLP; ``celeba``, ``waterbirds``, ``fairface`` train ResNet-18 from ``--data-dir`` with
+the reference's recipes, from scratch; ``tiny`` is the test config.
 
-Writes ``DIR/results.json``, ``DIR/report.md`` (tables in the paper's form, percent), per-dataset
-CSVs and ``DIR/group_accuracy.png`` (group accuracy against forget ratio for each method). JAX's
-persistent compilation cache is kept in ``DIR/.jax_cache`` (``--no-compile-cache`` to disable).
+Writes ``DIR/results.json`` (one row per finished (dataset, ratio) cell, rewritten after each; a
+rerun skips the finished cells, ``--fresh`` starts over; the original models are checkpointed under
+``DIR/checkpoints``), ``DIR/report.md`` (tables in the paper's form, percent), per-cell CSVs and
+``DIR/group_accuracy.png``. JAX's persistent compilation cache is kept in ``DIR/.jax_cache``
+(``--no-compile-cache`` to disable).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
-
 import importlib
+import os
+import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,7 @@ import numpy as np
 import optax
 
 from experiments import common
-from jaxunlearn import data, evaluation, loop, metrics, models, weights
+from jaxunlearn import checkpoint, data, evaluation, loop, metrics, weights
 from jaxunlearn import methods as M
 from jaxunlearn import mutual_information as mi
 from jaxunlearn.influence import last_layer, measurements, scores
@@ -67,60 +67,41 @@ LABELS = {"original": "Original", "retrain": "Retrain", "rw_retrain": "RW retrai
           "sw_rw_retrain": "RW+SW retrain", "sw_miu": "MIU+SW"}
 REFERENCES = ("rw_retrain", "retrain")  # Avg. Gap / ToW references, headline first
 
-# MIU, soft-weight and EO settings shared by the two tabular-feature configurations
-_TABULAR_SHARED = dict(
-    miu=dict(lambda_mi=10.0, forget_epochs=5, tune_steps_first=100, tune_steps_epoch=10,
-             mine_optimizer=("adam", 1e-3)),
-    soft=dict(l2=1e-3), eo_binarize=False)
 
-_ADULT = dict(
-    name="adult", loader="adult", target=1, sensitive=0,
-    model=dict(kind="mlp", hidden=(64, 32)),
-    train=dict(optimizer="adam", lr=1e-3, epochs=6, batch_size=256, l2=1e-5),
-    unlearn=dict(epochs=10, batch_size=256),
-    **_TABULAR_SHARED)
-_DIGITS = dict(
-    name="digits_spurious", loader="digits_spurious", target=9, sensitive=0,
-    model=dict(kind="mlp", hidden=(64, 32)),
-    train=dict(optimizer="adam", lr=3e-3, epochs=30, batch_size=64, l2=1e-5),
-    unlearn=dict(epochs=10, batch_size=64),
-    **_TABULAR_SHARED)
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """``datasets``: one :class:`DatasetConfig` dict per dataset; ``ablation``: ``dict(dataset,
+    ratio, mine_steps)`` for the MIU quirk ablation, or None."""
+
+    datasets: tuple = ()
+    ratios: tuple = RATIOS
+    methods: tuple = ALL_METHODS
+    ablation: dict | None = None
 
 
-def _image(name, loader, target, sensitive, *, size, train_batch, train_epochs, eo_binarize=False):
-    return dict(
-        name=name, loader=loader, target=target, sensitive=sensitive, size=size,
-        model=dict(kind="resnet18", width=64),
-        # Reference pretrain/retrain recipe: SGD lr 0.01, momentum 0.9, wd 1e-4, cosine.
-        train=dict(optimizer="sgd", lr=1e-2, momentum=0.9, weight_decay=1e-4, epochs=train_epochs,
-                   batch_size=train_batch, l2=0.0),
-        unlearn=dict(epochs=10, batch_size=256),
-        # Reference MIU: SGD lr 1e-3 (cosine), MINE SGD 0.01 momentum 0.9, lambda_mi 10.
-        miu=dict(lambda_mi=10.0, forget_epochs=5, tune_steps_first=100, tune_steps_epoch=10,
-                 mine_optimizer=("sgd", 1e-2), model_lr=1e-3, tune_subset=25_600),
-        soft=dict(l2=1e-3), eo_binarize=eo_binarize)
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+    """One dataset of a config: the loader, the forget cell and the recipes.
 
+    ``model``: ``dict(kind, hidden | width)`` (:func:`common.build_model`); ``train``: the
+    original/retrain recipe ``dict(optimizer, lr, epochs, batch_size, l2[, momentum,
+    weight_decay])`` (cosine decay); ``unlearn``: ``dict(epochs, batch_size)``; ``miu``: MIU's
+    ``lambda_mi, forget_epochs, tune_steps_first, tune_steps_epoch, mine_optimizer=(name, lr)``
+    and optionally ``mine_hidden, model_lr, tune_subset``; ``soft_l2``: the soft-weight surrogate's
+    L2; ``eo_binarize``: De Min's FairFace EO (:func:`evaluate`).
+    """
 
-PRESETS = {
-    "quick": dict(datasets=(_ADULT, _DIGITS), ratios=RATIOS, methods=ALL_METHODS,
-                  ablation=dict(dataset="adult", ratio=0.5, mine_steps=500)),
-    "tiny": dict(datasets=(dict(_DIGITS, train=dict(_DIGITS["train"], epochs=3),
-                                unlearn=dict(epochs=2, batch_size=64),
-                                miu=dict(_DIGITS["miu"], forget_epochs=1, tune_steps_first=5,
-                                         tune_steps_epoch=2, mine_hidden=16)),),
-                 ratios=(0.5,), methods=("rw_retrain", "miu"),
-                 ablation=None),
-    # CelebA as float32 in memory: 162,770 x 64 x 64 x 3 x 4 B = 8 GB (224 px would be 98 GB).
-    "celeba": dict(datasets=(_image("celeba", "celeb_a", 1, 1, size=64, train_batch=32,
-                                    train_epochs=30),),
-                   ratios=RATIOS, methods=ALL_METHODS, ablation=None),
-    "waterbirds": dict(datasets=(_image("waterbirds", "waterbirds", 1, 0, size=224, train_batch=32,
-                                        train_epochs=30),),
-                       ratios=RATIOS, methods=ALL_METHODS, ablation=None),
-    "fairface": dict(datasets=(_image("fairface", "fairface", 3, 0, size=112, train_batch=32,
-                                      train_epochs=30, eo_binarize=True),),
-                     ratios=RATIOS, methods=ALL_METHODS, ablation=None),
-}
+    name: str
+    loader: str
+    target: int
+    sensitive: int
+    model: dict
+    train: dict
+    unlearn: dict
+    miu: dict
+    size: int | None = None
+    soft_l2: float = 1e-3
+    eo_binarize: bool = False
 
 
 # ----------------------------------------------------------------------------- checks and data
@@ -138,73 +119,34 @@ def check_ratios(ratios) -> tuple[float, ...]:
     return tuple(out)
 
 
-def load_dataset(cfg: dict, data_dir=None):
-    """The preset's dataset (group-robust studies need a sensitive attribute with >= 2 values)."""
-    kind = cfg["loader"]
-    if kind == "adult":
-        ds = data.load_adult(data_dir)
-    elif kind == "digits_spurious":
-        ds = data.load_digits_spurious()
-    elif kind == "celeb_a":
-        ds = data.load_celeb_a(size=cfg["size"], target="Blond_Hair", sensitive="Male",
-                               data_dir=data_dir)
-    elif kind == "waterbirds":
-        ds = data.load_waterbirds(data_dir, size=cfg["size"])
-    elif kind == "fairface":
-        ds = data.load_fairface(data_dir, size=cfg["size"])
-    else:
-        raise ValueError(f"unknown dataset loader {kind!r}")
+def load_dataset(spec: DatasetConfig, data_dir=None):
+    """The dataset (group-robust studies need a sensitive attribute with >= 2 values); image
+    datasets are flattened for an MLP."""
+    ds = common.load_dataset(spec.loader, data_dir=data_dir, image_size=spec.size)
     if ds.num_groups < 2:
         raise ValueError(f"{ds.name} has no sensitive attribute (num_groups = {ds.num_groups}); "
                          "group-robust unlearning needs group labels")
+    if spec.model["kind"] == "mlp" and len(ds.input_shape) > 1:
+        ds = dataclasses.replace(ds, **{k: {**s, "x": s["x"].reshape(s["x"].shape[0], -1)}
+                                        for k, s in ds.splits.items()})
     return ds
 
 
-def flatten_inputs(ds):
-    """The dataset with ``x`` reshaped to [n, features] (MLPs on images, e.g. the digits)."""
-    if len(ds.input_shape) == 1:
-        return ds
-    flat = {k: {**split, "x": split["x"].reshape(split["x"].shape[0], -1)}
-            for k, split in ds.splits.items()}
-    return dataclasses.replace(ds, **flat)
-
-
-def forget_rows(ds, cfg: dict, ratios, seed: int) -> dict:
+def forget_rows(ds, spec: DatasetConfig, ratios, seed: int) -> dict:
     """Forget rows for each ratio (validated before any training: absent cell, bad ratio)."""
-    return {r: data.forget_group(ds.train, target=cfg["target"], group=cfg["sensitive"], fraction=r,
+    return {r: data.forget_group(ds.train, target=spec.target, group=spec.sensitive, fraction=r,
                                  key=(seed, int(round(r * 1000)))) for r in check_ratios(ratios)}
 
 
-def build_model(cfg: dict, ds) -> models.Model:
-    k = 1 if ds.num_classes == 2 else ds.num_classes
-    spec = cfg["model"]
-    if spec["kind"] == "mlp":
-        return models.mlp(int(np.prod(ds.input_shape)), k, hidden=spec["hidden"])
-    if spec["kind"] == "resnet18":
-        return models.resnet18(ds.input_shape, k, width=spec["width"])
-    raise ValueError(f"unknown model kind {spec['kind']!r}")
-
-
-def _optimizer(recipe: dict, n: int):
-    steps = recipe["epochs"] * data.num_batches(n, recipe["batch_size"])
-    lr = optax.cosine_decay_schedule(recipe["lr"], max(steps, 1))
-    if recipe["optimizer"] == "adam":
-        return optax.adam(lr)
-    return M.base.sgd(lr, momentum=recipe.get("momentum"), weight_decay=recipe.get("weight_decay", 0.0))
-
-
-def _mine_optimizer(spec):
-    name, lr = spec
-    return optax.adam(lr) if name == "adam" else optax.sgd(lr, momentum=0.9)
+def optimizer(recipe: dict, n: int):
+    """The recipe's optimizer, cosine-decayed over its epochs on ``n`` samples."""
+    return common.make_optimizer(recipe["optimizer"], recipe["lr"],
+                                 steps=recipe["epochs"] * data.num_batches(n, recipe["batch_size"]),
+                                 momentum=recipe.get("momentum"),
+                                 weight_decay=recipe.get("weight_decay", 0.0))
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-def _require_groups(split: dict, what: str) -> np.ndarray:
-    if split.get("group") is None:
-        raise ValueError(f"group labels missing: {what} needs the split's 'group' array")
-    return np.asarray(split["group"])
-
 
 def evaluate(apply_fn, variables, sets: dict, *, target: int, sensitive: int,
              eo_binarize: bool = False) -> dict:
@@ -219,7 +161,10 @@ def evaluate(apply_fn, variables, sets: dict, *, target: int, sensitive: int,
     """
     logits = {k: evaluation.predict(apply_fn, variables, sets[k]["x"])[0] for k in sets}
     y = {k: np.asarray(sets[k]["y"]) for k in sets}
-    g_test = _require_groups(sets["test"], "EO, group and worst-group accuracy")
+    if sets["test"].get("group") is None:
+        raise ValueError("group labels missing: EO, group and worst-group accuracy need the test "
+                         "split's 'group' array")
+    g_test = np.asarray(sets["test"]["group"])
     out = {f"{k}_accuracy": metrics.accuracy(logits[k], y[k]) for k in ("retain", "forget", "test")}
     sc = {k: metrics.membership_scores(logits[k], y[k]) for k in sets}
     attack = metrics.mia(sc["retain"], sc["val"], sc["forget"], heldout_scores=sc["test"])
@@ -328,30 +273,34 @@ def soft_retain_weights(apply_fn, variables, retain: dict, val: dict, base_weigh
 # ----------------------------------------------------------------------------- one study
 
 class Study:
-    """Everything one (dataset, preset) shares: model, original variables, sets, recipes."""
+    """Everything one dataset shares: model, initial variables, compiled programs, recipes."""
 
-    def __init__(self, cfg: dict, ds, *, seed: int, progress: bool):
-        self.cfg, self.ds, self.seed, self.progress = cfg, ds, seed, progress
-        self.model = build_model(cfg, ds)
-        self.num_outputs = self.model.num_outputs
+    def __init__(self, spec: DatasetConfig, ds, *, seed: int, progress: bool):
+        self.spec, self.ds, self.seed, self.progress = spec, ds, seed, progress
+        self.model = common.build_model(spec.model["kind"], ds.input_shape, ds.num_classes,
+                                        **{k: v for k, v in spec.model.items() if k != "kind"})
         self.key = jax.random.key(seed)
         self.init_vars = self.model.init(jax.random.fold_in(self.key, 0), ds.train["x"][:1])
-        tr = cfg["train"]
-        self.train_tx = _optimizer(tr, len(ds.train["y"]))
-        self._methods = {}
+        self._programs = {}
 
     def fresh(self):
         """A copy of the initial variables (kept apart from any run's buffers)."""
         return jax.tree.map(jnp.copy, self.init_vars)
 
-    def train_original(self) -> tuple[dict, dict]:
-        tr = self.cfg["train"]
-        t0 = time.perf_counter()
-        trainer = M.train(self.model.apply, self.train_tx, l2=tr["l2"])
-        variables, _, history = loop.run(trainer, self.fresh(), {"train": self.ds.train},
-                                         epochs=tr["epochs"], batch_size=tr["batch_size"],
-                                         key=jax.random.fold_in(self.key, 1), progress=self.progress)
-        return variables, {"seconds": time.perf_counter() - t0, "final_loss": history[-1]["loss"]}
+    def train_original(self, ckpt_dir: str) -> tuple[dict, dict]:
+        """The original model, resumed from / checkpointed to ``ckpt_dir`` every epoch."""
+        tr = self.spec.train
+        ck = checkpoint.Checkpointer(ckpt_dir)
+        try:
+            variables, history = common.train_model(
+                self.model, self.ds.train, optimizer(tr, len(self.ds.train["y"])),
+                epochs=tr["epochs"], batch_size=tr["batch_size"], l2=tr["l2"], init_key=None,
+                variables=self.fresh(), key=jax.random.fold_in(self.key, 1), checkpoints=ck,
+                progress=self.progress)
+        finally:
+            ck.close()
+        return variables, {"seconds": float(sum(h["seconds"] for h in history)),
+                           "final_loss": history[-1]["loss"]}
 
     def sets(self, rows) -> dict:
         forget, retain = data.forget_retain_splits(self.ds.train, rows)
@@ -359,41 +308,44 @@ class Study:
         return {"forget": forget, "retain": retain, "val": self.ds.val, "test": self.ds.test}
 
     def evaluate(self, variables, sets) -> dict:
-        return evaluate(self.model.apply, variables, sets, target=self.cfg["target"],
-                        sensitive=self.cfg["sensitive"], eo_binarize=self.cfg["eo_binarize"])
+        return evaluate(self.model.apply, variables, sets, target=self.spec.target,
+                        sensitive=self.spec.sensitive, eo_binarize=self.spec.eo_binarize)
 
-    def retrain(self, retain, *, weight=None, sampling_weight=None, key_id=2):
-        tr = self.cfg["train"]
+    def program(self, name: str, make):
+        """One compiled :class:`~jaxunlearn.loop.Program` per name and dataset, so the plain and
+        reweighted runs (and the MIU variants) share one compilation."""
+        if name not in self._programs:
+            self._programs[name] = loop.compile(make())
+        return self._programs[name]
+
+    def retrain(self, retain, *, weight=None, sampling=None):
+        tr = self.spec.train
         n = len(retain["y"])  # the cosine horizon depends on |D_r|: one program per retain size
-        program = self.method(f"retrain/{n}", lambda: M.retrain(self.model.apply, _optimizer(tr, n),
-                                                                 l2=tr["l2"]))
+        program = self.program(f"retrain/{n}", lambda: M.retrain(self.model.apply, optimizer(tr, n),
+                                                                  l2=tr["l2"]))
         split = retain if weight is None else {**retain, "weight": weight}
         variables, _, _ = loop.run(program, self.fresh(), {"retain": split}, epochs=tr["epochs"],
-                                   batch_size=tr["batch_size"], key=jax.random.fold_in(self.key, key_id),
-                                   sampling=sampling_weight, progress=self.progress)
+                                   batch_size=tr["batch_size"], key=jax.random.fold_in(self.key, 2),
+                                   sampling=sampling, progress=self.progress)
         return variables
 
     def unlearn(self, method, original, sets, *, sampling=None, key_id=3):
-        un = self.cfg["unlearn"]
-        variables, state, history = loop.run(
-            method, original, {"forget": sets["forget"], "retain": sets["retain"]},
-            epochs=un["epochs"], batch_size=un["batch_size"], key=jax.random.fold_in(self.key, key_id),
-            sampling=sampling, progress=self.progress)
-        return variables, state, history
+        un = self.spec.unlearn
+        return loop.run(method, original, {"forget": sets["forget"], "retain": sets["retain"]},
+                        epochs=un["epochs"], batch_size=un["batch_size"],
+                        key=jax.random.fold_in(self.key, key_id), sampling=sampling,
+                        progress=self.progress)
 
-    def method(self, name: str, make):
-        """One compiled :class:`~jaxunlearn.loop.Program` per name and dataset, so the plain and
-        reweighted runs (and the MIU variants) share one compilation."""
-        if name not in self._methods:
-            self._methods[name] = loop.compile(make())
-        return self._methods[name]
-
-    def miu_method(self, *, original_estimator_features="original", estimator_updates="tuning"):
-        return self.method(f"miu/{original_estimator_features}/{estimator_updates}",
-                           lambda: self._make_miu(original_estimator_features, estimator_updates))
+    def run_miu(self, original, sets, sampling, *, original_estimator_features="original",
+                estimator_updates="tuning"):
+        """MIU (or one of its quirk variants) from ``original``: ``(variables, state, diagnostics)``."""
+        method = self.program(f"miu/{original_estimator_features}/{estimator_updates}",
+                              lambda: self._make_miu(original_estimator_features, estimator_updates))
+        variables, state, _ = self.unlearn(method, original, sets, sampling=sampling, key_id=5)
+        return variables, state, miu_lib.check_estimators(state)
 
     def _make_miu(self, original_estimator_features, estimator_updates):
-        c = self.cfg["miu"]
+        c, un = self.spec.miu, self.spec.unlearn
         train_split = self.ds.train
         sub = c.get("tune_subset")
         if sub is not None and sub < len(train_split["y"]):
@@ -401,86 +353,77 @@ class Study:
             train_split = data.take(train_split, idx)
         kw = {}
         if c.get("model_lr") is not None:
-            un = self.cfg["unlearn"]
             steps = un["epochs"] * data.num_batches(len(self.ds.train["y"]), un["batch_size"])
-            kw["optimizer"] = M.base.sgd(optax.cosine_decay_schedule(c["model_lr"], steps),
-                                         momentum=0.9, weight_decay=1e-4)
+            kw["optimizer"] = common.make_optimizer("sgd", c["model_lr"], steps=steps, momentum=0.9,
+                                                    weight_decay=1e-4)
+        name, lr = c["mine_optimizer"]
         return miu_lib.miu(
             self.model.apply, train_split, num_classes=self.ds.num_classes,
             num_sensitive=self.ds.num_groups, key=jax.random.fold_in(self.key, 4),
             lambda_mi=c["lambda_mi"], forget_epochs=c["forget_epochs"],
             tune_steps_first=c["tune_steps_first"], tune_steps_epoch=c["tune_steps_epoch"],
-            tune_batch_size=self.cfg["unlearn"]["batch_size"],
-            mine_optimizer=_mine_optimizer(c["mine_optimizer"]), mine_hidden=c.get("mine_hidden", 512),
+            tune_batch_size=un["batch_size"],
+            mine_optimizer=optax.adam(lr) if name == "adam" else optax.sgd(lr, momentum=0.9),
+            mine_hidden=c.get("mine_hidden", 512),
             original_estimator_features=original_estimator_features,
             estimator_updates=estimator_updates, **kw)
 
-    def run_miu(self, original, sets, sampling, **flags):
-        method = self.miu_method(**flags)
-        variables, state, _ = self.unlearn(method, original, sets, sampling=sampling, key_id=5)
-        diag = miu_lib.check_estimators(state)
-        return variables, state, diag
 
-
-def run_ratio(study: Study, original, rows, methods_to_run, *, soft: bool) -> tuple[dict, dict]:
-    """All methods for one forget ratio: ``({method: metrics row}, extra info)``."""
-    ds, cfg, apply_fn = study.ds, study.cfg, study.model.apply
+def run_cell(study: Study, original, rows, ratio: float, methods_to_run, ablation=None) -> dict:
+    """All methods for one forget ratio (and the MIU quirk ablation when asked for): the cell's
+    row ``{"rows": {method: metrics row}, "info": {...}[, "ablation": {...}]}``."""
+    ds, spec, apply_fn = study.ds, study.spec, study.model.apply
     sets = study.sets(rows)
     n = len(ds.train["y"])
     retain_mask = ~data.forget_mask(n, rows)
     w_all = weights.group_weights(ds.train["y"], ds.train["group"], retain_mask,
-                            num_sensitive=ds.num_groups)
+                                  num_sensitive=ds.num_groups)
     w_r = w_all[retain_mask]
     w_r_loss = w_r / w_r.mean()
-    in_cell = (sets["retain"]["y"] == cfg["target"]) & (sets["retain"]["group"] == cfg["sensitive"])
+    in_cell = (sets["retain"]["y"] == spec.target) & (sets["retain"]["group"] == spec.sensitive)
     info = {"n_forget": int(len(rows)), "n_retain": int(retain_mask.sum()),
             "forget_cell_weight": float(w_r[in_cell][0]) if in_cell.any() else None}
     t0 = time.perf_counter()
     out = {"original": {**study.evaluate(original, sets), "seconds": 0.0}}
     out["original"]["eval_seconds"] = time.perf_counter() - t0
-
-    def ev(v):
-        return study.evaluate(v, sets)
+    ev = lambda v: study.evaluate(v, sets)
 
     def approx(make, sampling):
-        def fn():
-            v, _, _ = study.unlearn(make(), original, sets, sampling=sampling)
-            return ev(v)
-        return fn
+        return lambda: ev(study.unlearn(make(), original, sets, sampling=sampling)[0])
 
-    salun_cache = {}
+    salun_program = []
 
     def salun():  # the saliency mask depends on the forget set: one SalUn per ratio
-        if "method" not in salun_cache:
+        if not salun_program:
             mask = M.saliency_mask(apply_fn, original, sets["forget"], threshold=0.5)
-            salun_cache["method"] = loop.compile(M.salun(apply_fn, mask))
-        return salun_cache["method"]
+            salun_program.append(loop.compile(M.salun(apply_fn, mask)))
+        return salun_program[0]
 
-    def miu_row(sampling, cache=None):
+    miu_run = {}  # the main MIU row's run, reused by the quirk ablation
+
+    def miu_row(sampling, keep=False):
         def fn():
             v, state, diag = study.run_miu(original, sets, sampling)
-            if cache is not None:
-                cache.update(variables=v, state=state)
+            if keep:
+                miu_run.update(variables=v, state=state)
             return {**ev(v), "estimators": diag}
         return fn
 
-    miu_cache = {}
-
     eps = None
-    if soft and any(m.startswith("sw_") for m in methods_to_run):
+    if any(m.startswith("sw_") for m in methods_to_run):
         try:
             eps, info["soft_weights"] = soft_retain_weights(
-                apply_fn, original, sets["retain"], sets["val"], w_r_loss, target=cfg["target"],
-                num_groups=ds.num_groups, num_outputs=study.num_outputs, l2=cfg["soft"]["l2"])
+                apply_fn, original, sets["retain"], sets["val"], w_r_loss, target=spec.target,
+                num_groups=ds.num_groups, num_outputs=study.model.num_outputs, l2=spec.soft_l2)
         except ValueError as e:
             info["soft_weights"] = {"error": f"{type(e).__name__}: {e}"}
     sw = None if eps is None else w_r * (1.0 + eps)
 
-    l1 = lambda: study.method("l1_sparse", lambda: M.l1_sparse(apply_fn, epochs=cfg["unlearn"]["epochs"]))
-    scrub = lambda: study.method("scrub", lambda: M.scrub(apply_fn))
+    l1 = lambda: study.program("l1_sparse", lambda: M.l1_sparse(apply_fn, epochs=spec.unlearn["epochs"]))
+    scrub = lambda: study.program("scrub", lambda: M.scrub(apply_fn))
     jobs = {
         "retrain": lambda: ev(study.retrain(sets["retain"])),
-        "rw_retrain": lambda: ev(study.retrain(sets["retain"], sampling_weight=w_r)),
+        "rw_retrain": lambda: ev(study.retrain(sets["retain"], sampling=w_r)),
         "rw_retrain_loss": lambda: ev(study.retrain(sets["retain"], weight=w_r_loss)),
         "l1_sparse": approx(l1, None),
         "rw_l1_sparse": approx(l1, w_r),
@@ -488,9 +431,9 @@ def run_ratio(study: Study, original, rows, methods_to_run, *, soft: bool) -> tu
         "rw_salun": approx(salun, w_r),
         "scrub": approx(scrub, None),
         "rw_scrub": approx(scrub, w_r),
-        "miu": miu_row(w_r, miu_cache),
+        "miu": miu_row(w_r, keep=True),
         "miu_no_rw": miu_row(None),
-        "sw_rw_retrain": (lambda: ev(study.retrain(sets["retain"], sampling_weight=sw))),
+        "sw_rw_retrain": lambda: ev(study.retrain(sets["retain"], sampling=sw)),
         "sw_miu": miu_row(sw),
     }
     for name in methods_to_run:
@@ -507,7 +450,13 @@ def run_ratio(study: Study, original, rows, methods_to_run, *, soft: bool) -> tu
     for name, row in out.items():
         row["method"] = name
     add_gaps(out)
-    return out, {**info, "sets": sets, "w_r": w_r, "miu_run": miu_cache}
+    cell = {"rows": out, "info": info}
+    if ablation is not None:
+        if study.progress:
+            print(f"[{spec.name}] MIU quirk ablation at r = {ratio}", flush=True)
+        cell["ablation"] = {"ratio": ratio, **quirk_ablation(
+            study, original, sets, w_r, out, miu_run, mine_steps=ablation["mine_steps"])}
+    return cell
 
 
 # ----------------------------------------------------------------------------- quirk ablation
@@ -518,17 +467,18 @@ def _final_dv(est: mi.MineState, z, c, key, draws: int = 4) -> float:
     return float(np.mean(vals))
 
 
-def quirk_ablation(study: Study, original, ratio_rows: dict, extra: dict, *, mine_steps: int) -> dict:
+def quirk_ablation(study: Study, original, sets, w_r, ratio_rows: dict, miu_run: dict, *,
+                   mine_steps: int) -> dict:
     """MIU under the reference's two quirks vs the decisions of ``methods.miu`` (measured).
 
     Variants: ``default`` (T_orig tuned on original features; estimators frozen between tuning
-    phases), ``reference`` (T_orig tuned on the unlearned model's features), ``every_step``
-    (estimators also ascend on every retain batch). For each: the estimators' final DV estimates
-    on the whole retain set, a fresh MINE (``estimate_mi``, ``mine_steps`` steps, uniform c~) on
-    the same features as the reference value, and the downstream metrics.
+    phases; the main MIU row's run ``miu_run`` when there is one), ``reference`` (T_orig tuned on
+    the unlearned model's features), ``every_step`` (estimators also ascend on every retain
+    batch). For each: the estimators' final DV estimates on the whole retain set, a fresh MINE
+    (``estimate_mi``, ``mine_steps`` steps, uniform c~) on the same features as the reference
+    value, and the downstream metrics.
     """
     ds, apply_fn = study.ds, study.model.apply
-    sets, w_r = extra["sets"], extra["w_r"]
     retain = sets["retain"]
     c = jnp.asarray(np.eye(ds.num_classes * ds.num_groups, dtype=np.float32)[
         retain["group"] + retain["y"] * ds.num_groups])
@@ -541,8 +491,9 @@ def quirk_ablation(study: Study, original, ratio_rows: dict, extra: dict, *, min
                 "every_step": {"estimator_updates": "every_step"}}
     for i, (name, flags) in enumerate(variants.items()):
         t0 = time.perf_counter()
-        if name == "default" and extra.get("miu_run"):  # the main MIU row is this variant
-            v, state = extra["miu_run"]["variables"], extra["miu_run"]["state"]
+        reuse = name == "default" and bool(miu_run)
+        if reuse:
+            v, state = miu_run["variables"], miu_run["state"]
         else:
             try:
                 v, state, _ = study.run_miu(original, sets, w_r, **flags)
@@ -551,9 +502,8 @@ def quirk_ablation(study: Study, original, ratio_rows: dict, extra: dict, *, min
                 continue
         z_unl = evaluation.predict(apply_fn, v, retain["x"])[1]
         est_u, est_o = state.extra["estimator_unlearned"], state.extra["estimator_original"]
-        seconds = ratio_rows["miu"]["seconds"] if name == "default" and extra.get("miu_run") \
-            else time.perf_counter() - t0
-        row = {"flags": flags, "seconds": seconds,
+        row = {"flags": flags,
+               "seconds": ratio_rows["miu"]["seconds"] if reuse else time.perf_counter() - t0,
                "mi_unlearned_estimator": _final_dv(est_u, z_unl, c, jax.random.fold_in(key, 10 + i)),
                "mi_original_estimator": _final_dv(est_o, z_orig, c, jax.random.fold_in(key, 20 + i)),
                "fresh_mi_unlearned": mi.estimate_mi(z_unl, c, key=jax.random.fold_in(key, 30 + i),
@@ -570,9 +520,6 @@ def quirk_ablation(study: Study, original, ratio_rows: dict, extra: dict, *, min
 
 # ----------------------------------------------------------------------------- report
 
-PCT = ("retain_accuracy", "forget_accuracy", "test_accuracy", "mia", "mia_auc", "eo",
-       "group_accuracy", "worst_group_accuracy", "tow_rw_retrain", "avg_gap_rw_retrain",
-       "avg_gap_nomia_rw_retrain", "avg_gap_retrain")
 HEAD = {"retain_accuracy": "RA", "forget_accuracy": "FA", "test_accuracy": "TA", "mia": "MIA",
         "mia_auc": "MIA AUC", "eo": "EO", "group_accuracy": "GA", "worst_group_accuracy": "WGA",
         "tow_rw_retrain": "ToW", "avg_gap_rw_retrain": "Gap (RW)",
@@ -586,9 +533,7 @@ def table_rows(rows: dict) -> list[dict]:
         if "error" in row:
             r["RA"] = "error: " + row["error"][:120]
         else:
-            for k in PCT:
-                if k in row:
-                    r[HEAD[k]] = 100.0 * row[k]
+            r.update({head: 100.0 * row[k] for k, head in HEAD.items() if k in row})
         r["s"] = row.get("seconds", float("nan"))
         out.append(r)
     return out
@@ -711,39 +656,40 @@ def write_report(results: dict, out: str) -> str:
 
 # ----------------------------------------------------------------------------- main
 
-def _strip(info: dict) -> dict:
-    return {k: v for k, v in info.items() if k not in ("sets", "w_r", "miu_run")}
+def by_dataset(cells: list[dict]) -> dict:
+    """The cells of results.json nested for the report: ``{dataset: {target, sensitive, cell,
+    original, ratios: {str(r): rows}, ratio_info: {str(r): info}[, ablation]}}``."""
+    out = {}
+    for c in cells:
+        d = out.setdefault(c["dataset"], {k: c[k] for k in ("target", "sensitive", "cell", "original")}
+                           | {"ratios": {}, "ratio_info": {}})
+        d["ratios"][str(c["ratio"])] = c["rows"]
+        d["ratio_info"][str(c["ratio"])] = c["info"]
+        if "ablation" in c:
+            d["ablation"] = c["ablation"]
+    return out
 
 
-def run_dataset(cfg: dict, preset: dict, args) -> dict:
+def run_dataset(spec: DatasetConfig, cfg: Config, ratios, args):
+    """Train (or restore) the original model of ``spec`` and yield one cell per ratio in ``ratios``."""
     progress = not args.no_progress
-    ds = load_dataset(cfg, args.data_dir)
-    if cfg["model"]["kind"] == "mlp":
-        ds = flatten_inputs(ds)
-    rows_by_ratio = forget_rows(ds, cfg, preset["ratios"], args.seed)  # validates before training
-    study = Study(cfg, ds, seed=args.seed, progress=progress)
+    ds = load_dataset(spec, args.data_dir)
+    rows_by_ratio = forget_rows(ds, spec, ratios, args.seed)  # validates before training
+    study = Study(spec, ds, seed=args.seed, progress=progress)
     if progress:
-        print(f"[{cfg['name']}] training the original model", flush=True)
-    original, orig_info = study.train_original()
-    res = {"target": cfg["target"], "sensitive": cfg["sensitive"],
-           "cell": [ds.class_names[cfg["target"]], ds.group_names[cfg["sensitive"]]],
-           "original": orig_info, "ratios": {}, "ratio_info": {}}
-    ablation = preset.get("ablation")
+        print(f"[{spec.name}] training the original model", flush=True)
+    original, orig_info = study.train_original(os.path.join(args.out, "checkpoints", spec.name))
+    head = {"dataset": spec.name, "target": spec.target, "sensitive": spec.sensitive,
+            "cell": [ds.class_names[spec.target], ds.group_names[spec.sensitive]],
+            "original": orig_info}
+    ab = cfg.ablation
     for r, rows in rows_by_ratio.items():
         if progress:
-            print(f"[{cfg['name']}] r = {r}: |D_f| = {len(rows)}", flush=True)
-        out, info = run_ratio(study, original, rows, preset["methods"], soft=True)
-        res["ratios"][str(r)] = out
-        res["ratio_info"][str(r)] = _strip(info)
-        if ablation and ablation["dataset"] == cfg["name"] and abs(ablation["ratio"] - r) < 1e-9:
-            if progress:
-                print(f"[{cfg['name']}] MIU quirk ablation at r = {r}", flush=True)
-            res["ablation"] = {"ratio": r, **quirk_ablation(study, original, out, info,
-                                                             mine_steps=ablation["mine_steps"])}
-        common.write_csv(os.path.join(args.out, f"{cfg['name']}_r{r}.csv"),
-                         [{k: v for k, v in row.items() if not isinstance(v, dict)}
-                          for row in out.values()])
-    return res
+            print(f"[{spec.name}] r = {r}: |D_f| = {len(rows)}", flush=True)
+        wants_ablation = ab is not None and ab["dataset"] == spec.name and abs(ab["ratio"] - r) < 1e-9
+        t0 = time.perf_counter()
+        cell = run_cell(study, original, rows, r, cfg.methods, ab if wants_ablation else None)
+        yield {**head, "ratio": r, **cell, "seconds": time.perf_counter() - t0}
 
 
 def main(argv=None) -> dict:
@@ -753,27 +699,46 @@ def main(argv=None) -> dict:
         p.add_argument("--no-compile-cache", action="store_true",
                        help="do not use JAX's persistent compilation cache in OUT/.jax_cache")
 
-    args = common.parse_preset_args(__doc__.splitlines()[0],
-                                    presets=("quick", "celeba", "waterbirds", "fairface", "tiny"),
-                                    default_out="runs/group_robust", extra=extra, argv=argv)
-    preset = PRESETS[args.preset]
-    check_ratios(preset["ratios"])
+    args, cfg, name = common.parse_args(__doc__.splitlines()[0], driver="group_robust",
+                                        config_cls=Config, default_out="runs/group_robust",
+                                        extra=extra, argv=argv)
+    specs = [DatasetConfig(**d) for d in cfg.datasets]
+    ratios = check_ratios(cfg.ratios)
+    unknown = sorted(set(cfg.methods) - set(ALL_METHODS))
+    if unknown or not specs:
+        raise ValueError(f"methods: unknown {unknown}; choose from {ALL_METHODS}" if unknown
+                         else "datasets: the config names no dataset")
     if not args.no_compile_cache and jax.config.jax_compilation_cache_dir is None:
         # Plain and reweighted runs of a method (and the MIU variants) compile to the same
         # programs; the persistent cache serves the repeats (about -40% CPU time on quick).
         jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.out), ".jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    t0 = time.perf_counter()
-    results = {"preset": args.preset, "seed": args.seed, "environment": common.environment(),
-               "ratios": list(preset["ratios"]), "methods": list(preset["methods"]), "datasets": {},
-               "configs": {c["name"]: c for c in preset["datasets"]}}
-    for cfg in preset["datasets"]:
-        results["datasets"][cfg["name"]] = run_dataset(cfg, preset, args)
-        common.write_json(os.path.join(args.out, "results.json"), results)
-    results["seconds"] = time.perf_counter() - t0
-    common.write_json(os.path.join(args.out, "results.json"), results)
-    plot_group_accuracy(results, os.path.join(args.out, "group_accuracy.png"))
-    report = write_report(results, args.out)
+    path = os.path.join(args.out, "results.json")
+    if args.fresh:
+        shutil.rmtree(os.path.join(args.out, "checkpoints"), ignore_errors=True)
+    signature = {"config": dataclasses.asdict(cfg), "seed": args.seed}
+    cells = [] if args.fresh else common.resume_rows(path, signature)
+    done = {(c["dataset"], c["ratio"]) for c in cells}
+    if done and not args.no_progress:
+        print(f"resuming {path}: {len(done)} finished cell(s) kept", flush=True)
+    for spec in specs:
+        todo = [r for r in ratios if (spec.name, r) not in done]
+        if todo:
+            for cell in run_dataset(spec, cfg, todo, args):
+                cells.append(cell)
+                common.write_json(path, {"signature": signature, "rows": cells})
+    order = {key: i for i, key in enumerate((s.name, r) for s in specs for r in ratios)}
+    cells.sort(key=lambda c: order[(c["dataset"], c["ratio"])])
+    results = {"signature": signature, "preset": name, "seed": args.seed,
+               "environment": common.environment(), "rows": cells}
+    common.write_json(path, results)
+    for c in cells:
+        common.write_csv(os.path.join(args.out, f"{c['dataset']}_r{c['ratio']}.csv"),
+                         [{k: v for k, v in row.items() if not isinstance(v, dict)}
+                          for row in c["rows"].values()])
+    view = {"preset": name, "datasets": by_dataset(cells)}
+    plot_group_accuracy(view, os.path.join(args.out, "group_accuracy.png"))
+    report = write_report(view, args.out)
     if not args.no_progress:
         print(report)
     return results

@@ -3,11 +3,15 @@
 Oracles: per-class variances recomputed with numpy from the captured normalisation outputs,
 central finite differences in float64 for the penalty's gradient, a manual composition of the
 wrapped method's step, np.corrcoef for Pearson's r, hand counts for the cost helpers; and an
-end-to-end run of ``experiments.fairness_gap`` on its smoke preset.
+end-to-end run of ``experiments.fairness_gap`` on its smoke config, resumed after an interruption
+and compared with the uninterrupted run.
 """
 
+import dataclasses
 import functools
+import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -16,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 
+from experiments import common
 from experiments import fairness_gap as fg
 from jaxunlearn import data, models
 from jaxunlearn import methods as M
@@ -304,31 +309,42 @@ def test_gap_summary_savings_and_correlations_on_synthetic_rows():
     assert sv[1]["d_gap_mean"] == pytest.approx(0.1)
 
 
+def _config(name, **change):
+    cfg = common.load_config(common.config_path("fairness_gap", name), fg.Config)
+    return dataclasses.replace(cfg, **change)
+
+
 def test_variants_cover_every_method_full_last_k_and_penalty():
-    cfg = fg.resolve_config("quick")
+    cfg = _config("quick")
     v = fg.variants(cfg)
     assert [m for m, s in v if s == "full" and "+" not in m] == list(fg.METHODS)
     assert [m for m, s in v if s == "k"] == list(fg.METHODS)
     assert [m for m, _ in v if m.endswith("+FGP")] == ["RL+FGP", "SalUn+FGP"]
-    assert fg.variants(cfg, {"RL"}) == [("RL", "full"), ("RL", "k"), ("RL+FGP", "full")]
+    assert fg.variants(_config("quick", methods=("RL",))) == [("RL", "full"), ("RL", "k"),
+                                                               ("RL+FGP", "full")]
+    assert set(cfg.hparams) == set(fg.METHODS) - {"Retrain"}
+    assert common.presets("fairness_gap") == ("cifar10_resnet50", "cifar10_vit", "quick",
+                                              "quick_cifar10", "smoke")
     with pytest.raises(ValueError, match="data-dir"):
-        fg.resolve_config("cifar10-vit")
-    with pytest.raises(ValueError, match="unknown preset"):
-        fg.resolve_config("huge")
+        fg.load_dataset(_config("cifar10-vit"), None, 0, False)
+    with pytest.raises(ValueError, match="quick-cifar10"):  # --data-dir with a digits config
+        fg.load_dataset(cfg, "/some/dir", 0, False)
+    with pytest.raises(SystemExit):
+        fg.main(["--preset", "huge"])
 
 
 @pytest.mark.parametrize("preset", ["cifar10-resnet50", "cifar10-vit"])
 def test_paper_presets_build_models_with_valid_k_and_norm_layers(preset):
     # shapes only (jax.eval_shape): the accelerator presets are checked without data or a GPU
-    cfg = fg.resolve_config(preset, data_dir="unused")
+    cfg = _config(preset)
     x = jnp.zeros((2, 32, 32, 3))
-    for name, mcfg in cfg["models"].items():
-        model = fg.build_model(mcfg, x.shape[1:], 10)
+    for name, recipe in cfg.recipes.items():
+        model = fg.build_model(recipe, x.shape[1:], 10)
         abstract = jax.eval_shape(model.init, jax.random.key(0), x)
-        blocks = fg.check_last_k(abstract["params"], mcfg["last_k"])
-        assert blocks[-1] == "head" and len(blocks) > mcfg["last_k"]
+        blocks = fg.check_last_k(abstract["params"], recipe["last_k"])
+        assert blocks[-1] == "head" and len(blocks) > recipe["last_k"]
         assert len(fg.check_norm_layers(model, abstract, x)) == {"resnet50": 53, "vit": 13}[name]
-    assert fg.check_attack_eps(cfg["eval"]["eps"]) == pytest.approx(8 / 255)
+    assert fg.check_attack_eps(cfg.eps) == pytest.approx(8 / 255)
 
 
 def test_class_splits_separate_the_forgotten_class():
@@ -339,31 +355,24 @@ def test_class_splits_separate_the_forgotten_class():
     assert len(s["forget"]["y"]) + len(s["retain"]["y"]) == len(ds.train["y"])
 
 
-def _bad_cfg(**change):
-    cfg = fg.resolve_config("smoke")
-    for path, value in change.items():
-        node = cfg
-        keys = path.split("__")
-        for k in keys[:-1]:
-            node = node[k]
-        node[keys[-1]] = value
-    return cfg
+def _smoke_vit(**change):
+    return {"vit": {**_config("smoke").recipes["vit"], **change}}
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"models__vit__arch": "no-norm"}, "no normalisation outputs"),
+    ({"recipes": _smoke_vit(arch="no-norm")}, "no normalisation outputs"),
     ({"forget_class": 11}, "forget class"),
-    ({"eval__eps": 1.5}, "outside the input range"),
-    ({"models__vit__last_k": 4}, "k must be"),
+    ({"eps": 1.5}, "outside the input range"),
+    ({"recipes": _smoke_vit(last_k=4)}, "k must be"),
 ])
 def test_driver_surfaces_bad_setups_before_training(tmp_path, monkeypatch, change, match):
-    cfg = _bad_cfg(**change)
+    cfg = _config("smoke", **change)
     build = fg.build_model
 
-    def build_or_mlp(mcfg, shape, k):  # an image MLP: a model without normalisation layers
-        if mcfg["arch"] == "no-norm":
+    def build_or_mlp(recipe, shape, k):  # an image MLP: a model without normalisation layers
+        if recipe["arch"] == "no-norm":
             return models.from_linen(models.MLP((8,), k), tuple(shape), k)
-        return build(mcfg, shape, k)
+        return build(recipe, shape, k)
 
     monkeypatch.setattr(fg, "build_model", build_or_mlp)
     ds = fg.load_dataset(cfg, None, 0, False)
@@ -372,27 +381,18 @@ def test_driver_surfaces_bad_setups_before_training(tmp_path, monkeypatch, chang
     assert not os.path.exists(tmp_path / "checkpoints")  # nothing was trained
 
 
-def test_row_cache_reuses_matching_rows_only(tmp_path):
-    path = str(tmp_path / "rows" / "x.json")
-    calls = []
-    compute = lambda: calls.append(1) or {"a": len(calls)}
-    assert fg._cached(path, "fp1", compute) == {"a": 1}
-    assert fg._cached(path, "fp1", compute) == {"a": 1} and len(calls) == 1  # reused
-    assert fg._cached(path, "fp2", compute) == {"a": 2}  # the configuration changed: recomputed
-    assert fg.fingerprint({"b": 1, "a": [1, 2]}) == fg.fingerprint({"a": [1, 2], "b": 1})
-
-
 @pytest.mark.slow
-def test_driver_smoke_run_writes_every_output(tmp_path):
+def test_driver_smoke_run_writes_every_output_and_resumes_identically(tmp_path, monkeypatch):
     # One method (GA, the cheapest to compile) on the full model and its last block: the other
     # methods share this path (run_variant -> build_method -> loop.run -> evaluate_model);
     # test_variants_cover_every_method checks that the presets list all of them.
     out = str(tmp_path / "run")
-    res = fg.main(["--preset", "smoke", "--out", out, "--no-progress", "--methods", "GA"])
+    argv = ["--preset", "smoke", "--no-progress", "--set", "methods=GA,"]
+    res = fg.main(argv + ["--out", out])
     for f in ("results.json", "report.md", "summary.csv", "fairness_gap_layers.csv",
               "fairness_gap_layers_vit.png", "conjecture2_vit.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
-    rows = res["models"][0]["rows"]
+    rows = res["rows"]
     labels = [(r["method"], r["scope"]) for r in rows]
     assert labels == [("Original", "full"), ("GA", "full"), ("GA", "last1")]
     report = open(os.path.join(out, "report.md")).read()
@@ -408,3 +408,22 @@ def test_driver_smoke_run_writes_every_output(tmp_path):
     assert last["opt_state_bytes"] < full["opt_state_bytes"]
     assert os.path.isdir(os.path.join(out, "checkpoints", "vit", "original"))
     assert set(res["models"][0]["correlations"]["all:gap_mean~fgsm_acc"]) == {"r", "p", "n"}
+
+    # A run killed after its first two rows leaves exactly this behind (results.json is rewritten
+    # atomically after each row; the checkpoints of the original model are complete): rerun it.
+    part = str(tmp_path / "part")
+    shutil.copytree(os.path.join(out, "checkpoints", "vit", "original"),
+                    os.path.join(part, "checkpoints", "vit", "original"))
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    common.write_json(os.path.join(part, "results.json"),
+                      {"signature": saved["signature"], "rows": saved["rows"][:2]})
+    ran = []
+    run_variant = fg.run_variant
+    monkeypatch.setattr(fg, "run_variant", lambda *a, **k: ran.append(a[:2]) or run_variant(*a, **k))
+    again = fg.main(argv + ["--out", part])
+    assert ran == [("GA", 1)]  # only the missing row ran
+    timing = ("time_s", "setup_s", "epoch_s")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing}
+                        for r in json.loads(json.dumps(common._jsonable(rs)))]
+    assert strip(again["rows"]) == strip(res["rows"])

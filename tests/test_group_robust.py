@@ -1,5 +1,7 @@
-"""The group-robust driver: its metric table against numpy, bad input, and a smoke run."""
+"""The group-robust driver: its metric table against numpy, bad input, its configs, and a smoke
+run interrupted after its first cell and resumed (compared with an uninterrupted run)."""
 
+import dataclasses
 import json
 import os
 
@@ -7,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import common
 from experiments import group_robust as GR
 from jaxunlearn import data, metrics, models
 from jaxunlearn import mutual_information as mi
@@ -63,12 +66,12 @@ def test_bad_input():
         with pytest.raises(ValueError):
             GR.check_ratios(r)
     ds = data.load_digits_spurious()
-    cfg = dict(GR._DIGITS, target=6, sensitive=0)
+    spec = dataclasses.replace(_config("tiny")[1][0], target=6, sensitive=0)
     with pytest.raises(ValueError, match="outside"):
-        GR.forget_rows(ds, cfg, (0.5, 1.2), seed=0)
+        GR.forget_rows(ds, spec, (0.5, 1.2), seed=0)
     # Digit 6 with a frame exists; a cell of an absent group does not.
     with pytest.raises(data.ForgetSetError, match="group 2 does not occur"):
-        GR.forget_rows(ds, dict(cfg, sensitive=2), (0.5,), seed=0)
+        GR.forget_rows(ds, dataclasses.replace(spec, sensitive=2), (0.5,), seed=0)
     model, variables, sets = _hand_problem()
     sets["test"] = {k: v for k, v in sets["test"].items() if k != "group"}
     with pytest.raises(ValueError, match="group labels missing"):
@@ -80,16 +83,65 @@ def test_bad_input():
         GR.guarded("miu", lambda: GR.check_ratios((2.0,)))
 
 
-def test_smoke_run_writes_outputs(tmp_path):
-    out = str(tmp_path / "run")
-    results = GR.main(["--preset", "tiny", "--out", out, "--no-progress", "--no-compile-cache"])
-    for f in ("results.json", "report.md", "group_accuracy.png", "digits_spurious_r0.5.csv"):
-        assert os.path.getsize(os.path.join(out, f)) > 0, f
-    with open(os.path.join(out, "results.json")) as fp:
-        saved = json.load(fp)
-    rows = saved["datasets"]["digits_spurious"]["ratios"]["0.5"]
-    assert set(rows) == {"original", *GR.PRESETS["tiny"]["methods"]}
+def _config(name):
+    cfg = common.load_config(common.config_path("group_robust", name), GR.Config)
+    return cfg, [GR.DatasetConfig(**d) for d in cfg.datasets]
+
+
+@pytest.mark.parametrize("name", ["quick", "tiny", "celeba", "waterbirds", "fairface"])
+def test_every_config_loads_with_known_methods_and_valid_ratios(name):
+    cfg, specs = _config(name)
+    assert specs and set(cfg.methods) <= set(GR.ALL_METHODS)
+    assert GR.check_ratios(cfg.ratios) == tuple(cfg.ratios)
+    assert common.presets("group_robust") == ("celeba", "fairface", "quick", "tiny", "waterbirds")
+
+
+def _cells(path):
+    """results.json cells without their wall times: what must not depend on interruptions."""
+    def strip(o):
+        if isinstance(o, dict):
+            return {k: strip(v) for k, v in o.items() if k not in ("seconds", "cpu_seconds",
+                                                                    "eval_seconds")}
+        return [strip(v) for v in o] if isinstance(o, list) else o
+    with open(path) as f:
+        return strip(json.load(f)["rows"])
+
+
+def test_smoke_run_writes_outputs_and_resumes_identically_after_an_interruption(tmp_path,
+                                                                               monkeypatch):
+    argv = ["--preset", "tiny", "--set", "ratios=0.5,0.9", "--no-progress", "--no-compile-cache"]
+    full = str(tmp_path / "full")
+    results = GR.main(argv + ["--out", full])
+    for f in ("results.json", "report.md", "group_accuracy.png", "digits_spurious_r0.5.csv",
+              "digits_spurious_r0.9.csv"):
+        assert os.path.getsize(os.path.join(full, f)) > 0, f
+    rows = GR.by_dataset(results["rows"])["digits_spurious"]["ratios"]["0.5"]
+    assert set(rows) == {"original", "rw_retrain", "miu"}
     assert rows["rw_retrain"]["avg_gap_rw_retrain"] == 0.0
     assert "error" not in rows["miu"] and np.isfinite(rows["miu"]["avg_gap_rw_retrain"])
-    assert results["datasets"]["digits_spurious"]["ratios"]["0.5"]["miu"]["estimators"]["max_abs_mi"] >= 0
-    assert "| MIU |" in open(os.path.join(out, "report.md")).read()
+    assert rows["miu"]["estimators"]["max_abs_mi"] >= 0
+    assert "| MIU |" in open(os.path.join(full, "report.md")).read()
+
+    # The same run killed after its first (dataset, ratio) cell, then rerun on the same --out.
+    part = str(tmp_path / "part")
+    run_cell, calls = GR.run_cell, []
+
+    def dies_on_the_second_cell(*a, **k):
+        calls.append(a[3])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return run_cell(*a, **k)
+
+    monkeypatch.setattr(GR, "run_cell", dies_on_the_second_cell)
+    with pytest.raises(KeyboardInterrupt):
+        GR.main(argv + ["--out", part])
+    assert [c["ratio"] for c in _cells(os.path.join(part, "results.json"))] == [0.5]
+    calls.clear()
+    GR.main(argv + ["--out", part])
+    assert calls == [0.9]  # the finished cell is kept, not recomputed
+    assert _cells(os.path.join(part, "results.json")) == _cells(os.path.join(full, "results.json"))
+    calls.clear()
+    GR.main(argv + ["--out", part])  # everything finished: nothing runs
+    assert calls == []
+    with pytest.raises(ValueError, match="--fresh"):  # another config never mixes into the file
+        GR.main(["--preset", "tiny", "--set", "ratios=0.5,", "--out", part, "--no-progress"])
