@@ -61,10 +61,19 @@ CASES = ["train", "retrain", "retrain_reweighted", "finetune", "cf_k", "eu_k", "
          "finetune+fairness_gap_penalty"]
 
 
+_ONE_DEVICE = {}
+
+
+def _one_device(name):
+    if name not in _ONE_DEVICE:
+        _ONE_DEVICE[name] = SC.run_case(SC.method_cases()[name])
+    return _ONE_DEVICE[name]
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_method_on_8_devices_equals_1_device(name, mesh):
     case = SC.method_cases()[name]
-    one, h1 = SC.run_case(case)
+    one, h1 = _one_device(name)
     many, h8 = SC.run_case(case, mesh)
     _assert_equal_runs(name, one, many)
     moved = SC.tree_diff(one["params"], case.variables["params"])[0]
@@ -73,6 +82,14 @@ def test_method_on_8_devices_equals_1_device(name, mesh):
         for k in r1:
             if k not in ("seconds", "epoch"):
                 np.testing.assert_allclose(r8[k], r1[k], rtol=1e-4, atol=1e-6, err_msg=f"{name}: {k}")
+
+
+def test_loop_on_a_2d_mesh_splits_batches_over_data():
+    """``loop.run`` on a ``data x model`` mesh (parameters replicated, batches over ``data``)."""
+    mesh2 = sharding.mesh_2d(data=2, model=4)
+    one, _ = _one_device("train")
+    many, _ = SC.run_case(SC.method_cases()["train"], mesh2)
+    _assert_equal_runs("train on 2 x 4", one, many)
 
 
 def test_evaluation_fairness_gap_and_attacks_on_8_devices(mesh):
