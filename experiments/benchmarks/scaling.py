@@ -15,7 +15,8 @@ Writes ``DIR/results.json`` and ``DIR/report.md``:
   32x32x3 synthetic data, SGD with momentum, through ``loop.run``) on 1 device without a mesh and
   on data meshes of 2, 4 and 8 devices (``full`` also 1): ``{"devices", "mesh", "samples_per_s", "seconds",
   "overhead"}``, ``overhead`` = seconds / seconds of the run without a mesh. Simulated CPU devices
-  share the machine's cores, so on a CPU this measures the cost of sharding, not a speed-up. A GPU
+  share the machine's cores, so on a CPU this is not a scaling curve: above 1 is the cost of
+  sharding, below 1 means one XLA:CPU device left cores idle that concurrent shards use. A GPU
   (if JAX sees one) adds a row; a PyTorch epoch of the same network on the same data
   (``peer_torch_resnet.py``) is timed when an interpreter with torch is found (this one,
   ``--torch_python``, or ``.peers/torch``), else skipped with the reason in the JSON.
@@ -406,8 +407,10 @@ def report_md(res: dict) -> str:
     lines += ["", f"## Throughput: ResNet-18 (width {t['width']}, CIFAR stem), one epoch of "
               f"{t['num_samples']} synthetic 32x32x3 samples, batch {t['batch_size']}, median of "
               f"{t['repeats']}", "",
-              "On simulated CPU devices (one machine's cores shared) `overhead` is the cost of "
-              "sharding, not a speed-up.", "",
+              "`overhead` = epoch seconds / those of the run without a mesh. Simulated CPU devices "
+              "share one machine's cores, so this is not a scaling curve: values above 1 are the "
+              "cost of sharding; values below 1 mean one XLA:CPU device left cores idle that the "
+              "concurrently running device shards use.", "",
               "| devices | mesh | platform | samples/s | epoch s | first epoch s (compile) | overhead |",
               "|---|---|---|---|---|---|---|"]
     for r in res["throughput"]:
