@@ -1,15 +1,29 @@
-"""What every experiment driver shares: the command line, atomic result files, Markdown tables.
+"""What every experiment driver shares: config files, the command line, the builders (model, data,
+optimizer, training), atomic result files, resume and Markdown tables.
 
-Every driver has the shape ``python -m experiments.<name> [--preset quick|paper] [--out DIR]`` and
-writes ``DIR/results.json`` and ``DIR/report.md`` (plus CSV tables and PNG plots where useful).
-Files are written to a temporary name and renamed, so an interrupted run never leaves a truncated
-result behind.
+Every driver has the shape (big_vision style)::
+
+    python -m experiments.<driver> --config experiments/configs/<driver>_<preset>.py \
+        [--set key=value ...] [--out DIR] [--seed S] [--fresh]
+
+``--preset NAME`` is a shortcut for ``--config experiments/configs/<driver>_<NAME>.py``. A config
+file defines ``get_config()`` returning a dict of the driver's ``Config`` fields (a frozen
+dataclass in the driver, which holds the defaults); ``--set`` overrides one field (a Python
+literal; ``a,b`` for a tuple). Every driver writes ``DIR/results.json`` and ``DIR/report.md``
+(plus CSV tables and PNG plots where useful); ``results.json`` is rewritten atomically after each
+finished cell and a rerun with the same config skips the finished cells (:func:`resume_rows`;
+``--fresh`` starts over); training runs keep :mod:`jaxunlearn.checkpoint` checkpoints through
+:func:`jaxunlearn.loop.run`. Files are written to a temporary name and renamed, so an interrupted
+run never leaves a truncated result behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
+import dataclasses
+import importlib.util
 import io
 import json
 import os
@@ -20,29 +34,233 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["parse_args", "write_text", "write_json", "write_csv", "resume_rows", "markdown_table",
-           "timer", "environment", "savefig"]
+__all__ = ["CONFIG_DIR", "config_path", "presets", "load_config", "apply_overrides", "parse_args",
+           "parse_preset_args",
+           "cosine_adam", "build_model", "load_dataset", "train_model", "write_text", "write_json",
+           "write_csv", "resume_rows", "markdown_table", "timer", "environment", "savefig"]
 
 
-def parse_args(description: str, *, presets: Sequence[str] = ("quick", "paper"),
-               default_out: str, extra=None, argv=None) -> argparse.Namespace:
-    """The standard driver command line: ``--preset``, ``--out`` and ``--seed``.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def config_path(driver: str, preset: str) -> str:
+    """The config file of ``preset`` for ``driver``: ``configs/<driver>_<preset>.py`` ('-' -> '_')."""
+    return os.path.join(CONFIG_DIR, f"{driver}_{preset.replace('-', '_')}.py")
+
+
+def presets(driver: str) -> tuple:
+    """The preset names that have a config file for ``driver``."""
+    pre = f"{driver}_"
+    return tuple(sorted(f[len(pre):-3] for f in os.listdir(CONFIG_DIR)
+                        if f.startswith(pre) and f.endswith(".py")))
+
+
+def load_config(path: str, config_cls):
+    """``config_cls(**get_config())`` of the config file at ``path``.
+
+    Raises:
+      ValueError: no such file, no ``get_config``, or a key that ``config_cls`` does not have.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} not found")
+    spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not hasattr(mod, "get_config"):
+        raise ValueError(f"config file {path!r} defines no get_config()")
+    cfg = mod.get_config()
+    if dataclasses.is_dataclass(cfg):
+        cfg = dataclasses.asdict(cfg)
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    bad = sorted(set(cfg) - known)
+    if bad:
+        raise ValueError(f"config file {path!r} sets unknown key(s) {bad}; known: {sorted(known)}")
+    return config_cls(**cfg)
+
+
+def _parse_value(text: str, default, annotation) -> Any:
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if value is None:
+        return None
+    if isinstance(default, tuple) or "tuple" in str(annotation):
+        if isinstance(value, str):
+            value = tuple(v for v in value.split(",") if v)
+        elif isinstance(value, (list, tuple)):
+            value = tuple(value)
+        else:
+            value = (value,)
+    elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    return value
+
+
+def apply_overrides(cfg, overrides: Sequence[str]):
+    """``cfg`` with ``key=value`` overrides (Python literals; ``a,b`` for a tuple field).
+
+    Raises:
+      ValueError: a malformed override or an unknown key (naming the known ones).
+    """
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    changes = {}
+    for item in overrides or ():
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        k = k.strip()
+        if k not in fields:
+            raise ValueError(f"--set {k}=...: unknown key; known: {sorted(fields)}")
+        changes[k] = _parse_value(v.strip(), getattr(cfg, k), fields[k].type)
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_args(description: str, *, driver: str, config_cls, default_out: str, extra=None,
+               argv=None):
+    """The standard driver command line; returns ``(args, cfg, name)``.
+
+    ``--config FILE`` or ``--preset NAME`` (default: the first of ``quick``/``smoke`` that exists)
+    choose the config, ``--set key=value`` (repeatable) overrides fields, ``--out``, ``--seed``,
+    ``--fresh`` and ``--no-progress`` do what they say. ``name`` labels the config in reports.
 
     Args:
       description: shown by ``--help``.
-      presets: allowed preset names (the first is the default).
+      driver: the driver's module name (config files are ``configs/<driver>_<preset>.py``).
+      config_cls: the driver's frozen ``Config`` dataclass.
       default_out: output directory when ``--out`` is not given.
       extra: optional ``fn(parser)`` adding driver-specific flags.
     """
+    names = presets(driver)
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=None, help="config file (defines get_config())")
+    p.add_argument("--preset", default=None,
+                   help=f"shortcut for --config configs/{driver}_<preset>.py: {', '.join(names)} "
+                        "(default: quick)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    p.add_argument("--out", default=default_out, help="output directory (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="base random seed (default: %(default)s)")
+    p.add_argument("--fresh", action="store_true",
+                   help="ignore the finished cells and checkpoints of an earlier run in --out")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if extra is not None:
+        extra(p)
+    args = p.parse_args(argv)
+    if args.config is not None and args.preset is not None:
+        p.error("pass --config or --preset, not both")
+    if args.config is None:
+        args.preset = args.preset or "quick"
+        args.config = config_path(driver, args.preset)
+        if not os.path.isfile(args.config):
+            p.error(f"unknown preset {args.preset!r}; choose from {', '.join(names)} "
+                    "or pass --config FILE")
+    name = args.preset or os.path.splitext(os.path.basename(args.config))[0].removeprefix(f"{driver}_")
+    try:
+        cfg = apply_overrides(load_config(args.config, config_cls), args.set)
+    except ValueError as e:
+        p.error(str(e))
+    return args, cfg, name
+
+
+def parse_preset_args(description: str, *, presets: Sequence[str], default_out: str, extra=None,
+                      argv=None) -> argparse.Namespace:
+    """The command line of the drivers whose presets are still built in code (fairness_gap,
+    group_robust): ``--preset``, ``--out``, ``--seed``, ``--fresh``, ``--no-progress``."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--preset", choices=list(presets), default=presets[0],
                    help="size of the run (default: %(default)s)")
     p.add_argument("--out", default=default_out, help="output directory (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="base random seed (default: %(default)s)")
+    p.add_argument("--fresh", action="store_true",
+                   help="ignore the finished cells and checkpoints of an earlier run in --out")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if extra is not None:
         extra(p)
     return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def cosine_adam(lr: float, *, epochs: int, n: int, batch_size: int):
+    """Adam with a cosine decay of ``lr`` to 0 over ``epochs`` passes of ``n`` samples."""
+    import optax
+
+    from jaxunlearn import data
+
+    return optax.adam(optax.cosine_decay_schedule(lr, epochs * data.num_batches(n, batch_size)))
+
+
+def build_model(kind: str, input_shape, num_classes: int, **kw):
+    """A built-in model by name: ``lr``, ``mlp`` (``hidden``), ``resnet18``/``resnet50``
+    (``width``), ``vit`` (``patch_size``, ``depth``, ``width``, ``heads``, ``mlp_dim``).
+    Binary tasks get one logit."""
+    from jaxunlearn import models
+
+    shape = tuple(input_shape)
+    k = 1 if num_classes == 2 else num_classes
+    size = int(np.prod(shape))
+    if kind == "lr":
+        return models.logistic_regression(size, k)
+    if kind == "mlp":
+        return models.mlp(size, k, **({"hidden": tuple(kw["hidden"])} if kw.get("hidden") else {}))
+    if kind in ("resnet18", "resnet50"):
+        return getattr(models, kind)(shape, k, width=kw["width"])
+    if kind == "vit":
+        return models.small_vit(shape, k, patch_size=kw["patch_size"], depth=kw["depth"],
+                                width=kw["width"], heads=kw["heads"], mlp_dim=kw["mlp_dim"])
+    raise ValueError(f"unknown model {kind!r}; choose lr, mlp, resnet18, resnet50 or vit")
+
+
+def load_dataset(name: str, *, data_dir: str | None = None, seed: int = 0, image_size: int = 32,
+                 max_train: int | None = None):
+    """A dataset by name. ``adult`` and ``digits`` are embedded; the others read ``data_dir``
+    (``bank``, ``german``: the UCI files; ``celeb_a``, ``civil_comments``, ``cifar100``: TFDS).
+    ``max_train`` subsamples Adult's training split and caps the TFDS datasets' examples."""
+    import jax
+
+    from jaxunlearn import data
+
+    if name == "adult":
+        ds = data.load_adult(data_dir, seed=seed)
+        if max_train is not None:
+            rows = data.subsample_rows(len(ds.train["y"]), max_train, key=jax.random.key(seed))
+            ds = dataclasses.replace(ds, train=data.take(ds.train, rows))
+        return ds
+    if name == "digits":
+        return data.load_digits()
+    if data_dir is None:
+        raise ValueError(f"dataset {name!r} is read from a directory: pass --data-dir")
+    if name == "bank":
+        return data.load_bank(data_dir, seed=seed)
+    if name == "german":
+        return data.load_german(data_dir, seed=seed)
+    if name == "celeb_a":
+        return data.load_celeb_a(size=image_size, data_dir=data_dir, max_examples=max_train)
+    if name == "civil_comments":
+        return data.load_civil_comments(data_dir=data_dir, max_examples=max_train)
+    if name == "cifar100":
+        return data.load_cifar100(data_dir=data_dir, max_examples=max_train)
+    raise ValueError(f"unknown dataset {name!r}")
+
+
+def train_model(model, split: dict, optimizer, *, epochs: int, batch_size: int, l2: float, init_key,
+                key, checkpoints=None, progress: bool = True, desc: str | None = None):
+    """Train ``model`` from ``model.init(init_key, x[:1])`` on ``split`` with
+    :func:`jaxunlearn.methods.train` through :func:`jaxunlearn.loop.run` (shuffles from ``key``).
+
+    Returns:
+      ``(variables, history)`` (history: one dict per epoch, :func:`jaxunlearn.loop.run`).
+    """
+    from jaxunlearn import loop, methods
+
+    trainer = methods.train(model.apply, optimizer, l2=l2)
+    variables = model.init(init_key, np.asarray(split["x"][:1]))
+    variables, _, history = loop.run(trainer, variables, {"train": split}, epochs=epochs,
+                                     batch_size=batch_size, key=key,
+                                     checkpoints=checkpoints, progress=progress, desc=desc)
+    return variables, history
 
 
 def _atomic_write(path: str, data: str) -> None:

@@ -39,6 +39,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import time
 import zlib
 
@@ -48,7 +49,7 @@ import numpy as np
 import optax
 
 from experiments import common
-from jaxunlearn import attacks, checkpoint, data, methods, metrics, models, train
+from jaxunlearn import attacks, checkpoint, data, evaluation, loop, methods, metrics, models
 from jaxunlearn.methods import base
 from jaxunlearn.methods.fairness_gap_penalty import with_fairness_gap_penalty
 
@@ -366,16 +367,6 @@ def init_variables(model: models.Model, key, sample_x) -> dict:
     return dict(jax.jit(model.init)(key, jnp.asarray(sample_x)))
 
 
-HISTORY = "history.json"  # per-epoch history kept next to the checkpoints (timing of resumed runs)
-
-
-def merge_history(earlier: list[dict], new: list[dict], epochs: int) -> list[dict]:
-    """The epochs of earlier runs that this run did not redo, followed by this run's epochs
-    (``fit`` resumes after the last checkpointed epoch; all of them when it had nothing to do)."""
-    first = new[0]["epoch"] if new else epochs + 1
-    return [h for h in earlier if h["epoch"] < first] + list(new)
-
-
 def train_model(model: models.Model, tcfg: dict, split: dict, *, key, ckpt_dir: str | None,
                 progress: bool, desc: str):
     """Train from scratch with a recipe (cosine-decayed optimizer, L2 in the objective),
@@ -383,31 +374,22 @@ def train_model(model: models.Model, tcfg: dict, split: dict, *, key, ckpt_dir: 
 
     Returns:
       ``(variables, seconds, history, tx)``: ``history`` has one row per epoch, including the
-      epochs of earlier (interrupted) runs recorded in ``ckpt_dir/history.json``, and
+      epochs of earlier (interrupted) runs (kept with the checkpoints by :func:`loop.run`), and
       ``seconds`` is the sum of their epoch times (the first includes compilation).
     """
     steps = tcfg["epochs"] * data.num_batches(data.split_size(split), tcfg["batch_size"])
     tx = make_optimizer({**tcfg, "weight_decay": 0.0}, steps)
-    params, model_state = base.split_model_state(
-        init_variables(model, jax.random.fold_in(key, 0), split["x"][:1]))
-    state = train.TrainState(jnp.zeros((), jnp.int32), params, model_state, tx.init(params))
-    step = train.make_train_step(model.apply, tx, l2=tcfg["l2"])
+    variables = init_variables(model, jax.random.fold_in(key, 0), split["x"][:1])
     ck = checkpoint.Checkpointer(ckpt_dir) if ckpt_dir else None
-    earlier = []
-    if ckpt_dir and os.path.exists(os.path.join(ckpt_dir, HISTORY)):
-        with open(os.path.join(ckpt_dir, HISTORY)) as f:
-            earlier = json.load(f)
     try:
-        state, history = train.fit(state, step, split, batch_size=tcfg["batch_size"],
-                                   epochs=tcfg["epochs"], key=jax.random.fold_in(key, 1),
-                                   checkpoints=ck, progress=progress, desc=desc)
+        variables, _, history = loop.run(methods.train(model.apply, tx, l2=tcfg["l2"]), variables,
+                                         {"train": split}, batch_size=tcfg["batch_size"],
+                                         epochs=tcfg["epochs"], key=jax.random.fold_in(key, 1),
+                                         checkpoints=ck, progress=progress, desc=desc)
     finally:
         if ck is not None:
             ck.close()
-    history = merge_history(earlier, history, tcfg["epochs"])
-    if ckpt_dir:
-        common.write_json(os.path.join(ckpt_dir, HISTORY), history)
-    return state.variables, float(sum(h["seconds"] for h in history)), history, tx
+    return variables, float(sum(h["seconds"] for h in history)), history, tx
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -442,7 +424,8 @@ def evaluate_model(apply_fn, variables, splits: dict, *, num_classes: int, retai
     ``ecfg["batch_size"]``), so each evaluation function compiles once per model.
     """
     bs = min([ecfg["batch_size"]] + [data.split_size(s) for s in splits.values()])
-    acc = lambda s: train.evaluate(apply_fn, variables, splits[s], batch_size=bs)["accuracy"]
+    ev = evaluation.evaluator(apply_fn, {"acc": evaluation.accuracy()}, batch_size=bs)
+    acc = lambda s: ev(variables, splits[s])["acc"]["accuracy"]
     row = {"forget_acc": acc("forget"), "retain_acc": acc("retain"), "test_acc": acc("test_retain")}
     if "test_forget" in splits:
         row["test_forget_acc"] = acc("test_forget")
@@ -485,7 +468,7 @@ def _batch(split: dict, b: int, weight: float = 1.0) -> dict:
 def update_memory(method: base.Method, variables, state, splits: dict, *, batch_size: int,
                   forget_batch: int, key) -> dict:
     """:func:`compiled_memory` of one ``update`` of a method on batches of the run's sizes."""
-    batches = {"schedule": methods.schedule(0, 1, 0)}
+    batches = {}
     if "retain" in method.uses:
         batches["retain"] = _batch(splits["retain"], batch_size)
     if "forget" in method.uses:
@@ -495,6 +478,31 @@ def update_memory(method: base.Method, variables, state, splits: dict, *, batch_
 
 # ----------------------------------------------------------------------------- methods
 
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every method run of one model shares (:func:`run_model` builds it)."""
+
+    model: models.Model
+    model_name: str
+    original: dict          # the original model's variables
+    splits: dict            # class_splits(...): forget, retain, val_retain, test_retain, ...
+    num_classes: int
+    retained: list          # the retained classes
+    norm_order: list        # normalisation layers in call order
+    eval: dict              # the preset's "eval" block
+    unlearn: dict           # the preset's "unlearn" block
+    train_cfg: dict         # the model's original-training recipe
+    model_cfg: dict
+    key: jax.Array
+    out: str
+    progress: bool
+    memory_analysis: tuple  # methods whose compiled update memory is measured
+
+    @property
+    def apply(self):
+        return self.model.apply
+
+
 def method_hparams(ucfg: dict, mcfg: dict, method: str) -> dict:
     """A method's hyperparameters: the preset's, updated by the model's ``unlearn_overrides``."""
     if method not in ucfg["methods"]:
@@ -502,11 +510,11 @@ def method_hparams(ucfg: dict, mcfg: dict, method: str) -> dict:
     return {**ucfg["methods"][method], **mcfg.get("unlearn_overrides", {}).get(method, {})}
 
 
-def build_method(name: str, ctx: dict, trainable, k: int | None) -> tuple[base.Method, dict, float]:
+def build_method(name: str, ctx: "Context", trainable, k: int | None) -> tuple[base.Method, dict, float]:
     """``(method, run_kwargs, setup_seconds)`` for one method (not Retrain) and trainable mask."""
-    apply_fn, ucfg = ctx["apply"], ctx["unlearn"]
+    apply_fn, ucfg = ctx.apply, ctx.unlearn
     base_name = name[:-len(PENALTY_SUFFIX)] if name.endswith(PENALTY_SUFFIX) else name
-    hp = method_hparams(ucfg, ctx["model_cfg"], base_name)
+    hp = method_hparams(ucfg, ctx.model_cfg, base_name)
     tx = make_optimizer(hp)
     t0 = time.perf_counter()
     if base_name == "CF":
@@ -514,7 +522,7 @@ def build_method(name: str, ctx: dict, trainable, k: int | None) -> tuple[base.M
     elif base_name == "RL":
         m = methods.random_labels(apply_fn, optimizer=tx, trainable=trainable)
     elif base_name == "SalUn":
-        mask = methods.saliency_mask(apply_fn, ctx["original"], ctx["splits"]["forget"],
+        mask = methods.saliency_mask(apply_fn, ctx.original, ctx.splits["forget"],
                                      threshold=hp["threshold"], trainable=trainable)
         trainable = base.combine_masks(mask, trainable)
         m = methods.salun(apply_fn, mask, optimizer=tx)
@@ -528,23 +536,24 @@ def build_method(name: str, ctx: dict, trainable, k: int | None) -> tuple[base.M
     elif base_name == "GA":
         m = methods.gradient_ascent(apply_fn, optimizer=tx, trainable=trainable)
     elif base_name == "L1-sparse":
-        m = methods.l1_sparse(apply_fn, alpha=hp["alpha"], optimizer=tx, trainable=trainable)
+        m = methods.l1_sparse(apply_fn, epochs=int(hp.get("epochs", ucfg["epochs"])), alpha=hp["alpha"],
+                              optimizer=tx, trainable=trainable)
     else:
         raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
     if name.endswith(PENALTY_SUFFIX):
         pcfg = ucfg["penalty"]
         m = with_fairness_gap_penalty(m, apply_fn, strength=pcfg["strength"],
-                                      num_classes=ctx["num_classes"],
+                                      num_classes=ctx.num_classes,
                                       optimizer=optax.sgd(pcfg["lr"]), trainable=trainable,
-                                      classes=ctx["retained"],
-                                      per_channel=ctx["eval"]["per_channel"],
+                                      classes=ctx.retained,
+                                      per_channel=ctx.eval["per_channel"],
                                       target=pcfg["target"])
     setup = time.perf_counter() - t0
-    nf, nr = (data.split_size(ctx["splits"][s]) for s in ("forget", "retain"))
+    nf, nr = (data.split_size(ctx.splits[s]) for s in ("forget", "retain"))
     bsz = ucfg["batch_size"]
     fb = forget_batch_size(hp.get("forget_batch", bsz), bsz, nf, nr)
     run_kw = {"epochs": int(hp.get("epochs", ucfg["epochs"])), "batch_size": bsz,
-              "forget_batch_size": fb}
+              "batch_sizes": {"forget": fb}}
     return m, {"trainable": trainable, **run_kw}, setup
 
 
@@ -557,68 +566,70 @@ def _steady_epoch_seconds(history: list[dict]) -> float:
     return float(min(secs[1:] if len(secs) > 1 else secs))
 
 
-def run_variant(name: str, k: int | None, ctx: dict) -> dict:
+def run_variant(name: str, k: int | None, ctx: "Context") -> dict:
     """Run one method (full model, or the last k blocks) from the original model and evaluate."""
-    params = ctx["original"]["params"]
+    params = ctx.original["params"]
     trainable = None if k is None else models.last_k_mask(params, k)
     # X+FGP shares X's key (random labels, batch order): the pair differs only by the penalty.
     paired = name[:-len(PENALTY_SUFFIX)] if name.endswith(PENALTY_SUFFIX) else name
-    key = jax.random.fold_in(ctx["key"], zlib.crc32(variant_name(paired, k).encode()))
-    row = {"model": ctx["model_name"], "method": name, "scope": "full" if k is None else f"last{k}"}
+    key = jax.random.fold_in(ctx.key, zlib.crc32(variant_name(paired, k).encode()))
+    row = {"model": ctx.model_name, "method": name, "scope": "full" if k is None else f"last{k}"}
     if name == "Retrain":
-        tcfg = ctx["train_cfg"]
+        tcfg = ctx.train_cfg
         if k is None:
             variables, seconds, history, tx = train_model(
-                ctx["model"], tcfg, ctx["splits"]["retain"], key=key,
-                ckpt_dir=os.path.join(ctx["out"], "checkpoints", ctx["model_name"], "retrain"),
-                progress=ctx["progress"], desc=f"{ctx['model_name']} retrain")
+                ctx.model, tcfg, ctx.splits["retain"], key=key,
+                ckpt_dir=os.path.join(ctx.out, "checkpoints", ctx.model_name, "retrain"),
+                progress=ctx.progress, desc=f"{ctx.model_name} retrain")
             row.update(time_s=seconds, setup_s=0.0, epoch_s=_steady_epoch_seconds(history),
                        epochs=tcfg["epochs"], timed_epochs=len(history),
                        trainable_params=count_trainable(params),
                        opt_state_bytes=tree_bytes(jax.eval_shape(tx.init, params)))
-            if name in ctx["memory_analysis"]:
-                p, ms = base.split_model_state(ctx["original"])
-                state = train.TrainState(jnp.zeros((), jnp.int32), p, ms, tx.init(p))
-                step = train.make_train_step(ctx["apply"], tx, l2=tcfg["l2"])
-                row.update(compiled_memory(step, state, _batch(ctx["splits"]["retain"],
-                                                               tcfg["batch_size"]), key))
+            if name in ctx.memory_analysis:
+                trainer = methods.retrain(ctx.apply, tx, l2=tcfg["l2"])
+                row.update(compiled_memory(trainer.update, ctx.original,
+                                           trainer.init(ctx.original),
+                                           {"retain": _batch(ctx.splits["retain"],
+                                                             tcfg["batch_size"])}, key))
             return _finish(row, variables, ctx)
         # EU-k: re-initialise the last k blocks and retrain only them with the original recipe.
-        steps = tcfg["epochs"] * data.num_batches(data.split_size(ctx["splits"]["retain"]),
+        steps = tcfg["epochs"] * data.num_batches(data.split_size(ctx.splits["retain"]),
                                                   tcfg["batch_size"])
         tx = make_optimizer({**tcfg, "weight_decay": tcfg["l2"]}, steps)
-        fresh = init_variables(ctx["model"], jax.random.fold_in(key, 99),
-                               ctx["splits"]["retain"]["x"][:1])
-        method = methods.eu_k(ctx["apply"], fresh, trainable, optimizer=tx)
+        fresh = init_variables(ctx.model, jax.random.fold_in(key, 99),
+                               ctx.splits["retain"]["x"][:1])
+        method = methods.eu_k(ctx.apply, fresh, trainable, optimizer=tx)
         run_kw = {"epochs": tcfg["epochs"], "batch_size": tcfg["batch_size"],
-                  "forget_batch_size": None, "trainable": trainable}
+                  "batch_sizes": None, "trainable": trainable}
         setup = 0.0
     else:
         method, run_kw, setup = build_method(name, ctx, trainable, k)
     trainable = run_kw.pop("trainable")
     t0 = time.perf_counter()
-    variables, state, history = methods.run_method(
-        method, ctx["original"], ctx["splits"]["forget"], ctx["splits"]["retain"], key=key,
-        progress=ctx["progress"], **run_kw)
+    forget = ctx.splits["forget"]
+    sets = {"forget": {**forget, "weight": -np.ones(data.split_size(forget), np.float32)},
+            "retain": ctx.splits["retain"]}
+    variables, state, history = loop.run(method, ctx.original, sets, key=key,
+                                         progress=ctx.progress, **run_kw)
     seconds = time.perf_counter() - t0
     row.update(time_s=seconds + setup, setup_s=setup, epoch_s=_steady_epoch_seconds(history),
                epochs=run_kw["epochs"], trainable_params=count_trainable(params, trainable),
                opt_state_bytes=optimizer_state_bytes(state))
-    if name in ctx["memory_analysis"]:
-        row.update(update_memory(method, ctx["original"], method.init(ctx["original"]),
-                                 ctx["splits"], batch_size=run_kw["batch_size"],
-                                 forget_batch=run_kw["forget_batch_size"] or 1, key=key))
+    if name in ctx.memory_analysis:
+        row.update(update_memory(method, ctx.original, method.init(ctx.original),
+                                 ctx.splits, batch_size=run_kw["batch_size"],
+                                 forget_batch=(run_kw["batch_sizes"] or {}).get("forget", 1), key=key))
     last = history[-1]
     if "fg_penalty" in last:
         row["fg_penalty_last_epoch"] = last["fg_penalty"]
     return _finish(row, variables, ctx)
 
 
-def _finish(row: dict, variables, ctx: dict) -> dict:
-    row.update(evaluate_model(ctx["apply"], variables, ctx["splits"],
-                              num_classes=ctx["num_classes"], retained=ctx["retained"],
-                              norm_order=ctx["norm_order"],
-                              ecfg=ctx["eval"], key=jax.random.fold_in(ctx["key"], 7)))
+def _finish(row: dict, variables, ctx: "Context") -> dict:
+    row.update(evaluate_model(ctx.apply, variables, ctx.splits,
+                              num_classes=ctx.num_classes, retained=ctx.retained,
+                              norm_order=ctx.norm_order,
+                              ecfg=ctx.eval, key=jax.random.fold_in(ctx.key, 7)))
     return row
 
 
@@ -665,11 +676,10 @@ def run_model(model_name: str, cfg: dict, ds: data.Dataset, *, out: str, seed: i
         model, mcfg["train"], ds.train, key=key,
         ckpt_dir=os.path.join(out, "checkpoints", model_name, "original"), progress=progress,
         desc=f"{model_name} original")
-    ctx = {"model": model, "model_name": model_name, "apply": model.apply, "original": original,
-           "splits": splits, "num_classes": ds.num_classes, "retained": retained,
-           "norm_order": norm_order, "eval": ecfg, "unlearn": cfg["unlearn"],
-           "train_cfg": mcfg["train"], "model_cfg": mcfg, "key": key, "out": out,
-           "progress": progress, "memory_analysis": cfg["memory_analysis"]}
+    ctx = Context(model=model, model_name=model_name, original=original, splits=splits,
+                  num_classes=ds.num_classes, retained=retained, norm_order=norm_order, eval=ecfg,
+                  unlearn=cfg["unlearn"], train_cfg=mcfg["train"], model_cfg=mcfg, key=key,
+                  out=out, progress=progress, memory_analysis=tuple(cfg["memory_analysis"]))
     # A method's own hyperparameters (overrides included) enter its row's key below.
     model_fp = {k: v for k, v in mcfg.items() if k != "unlearn_overrides"}
     base_fp = {"version": ROWS_VERSION, "model": model_fp, "data": cfg["data"],
@@ -930,8 +940,11 @@ def _extra_flags(p):
 
 
 def main(argv=None) -> dict:
-    args = common.parse_args(__doc__.splitlines()[0], presets=tuple(PRESETS),
-                             default_out="runs/fairness_gap", extra=_extra_flags, argv=argv)
+    args = common.parse_preset_args(__doc__.splitlines()[0], presets=tuple(PRESETS),
+                                    default_out="runs/fairness_gap", extra=_extra_flags, argv=argv)
+    if args.fresh:
+        for sub in ("rows", "checkpoints"):
+            shutil.rmtree(os.path.join(args.out, sub), ignore_errors=True)
     cfg = resolve_config(args.preset, args.data_dir)
     if args.models:
         want = [m.strip() for m in args.models.split(",") if m.strip()]

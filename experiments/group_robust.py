@@ -8,7 +8,7 @@ set (``data.forget_group``), so it is dominated by one group. For every dataset 
 driver trains the original model once, then compares on the same split:
 
 * exact unlearning: retraining on D_r, and De Min's group-reweighted retraining with the weights
-  ``w = N_train(g) / N_retain(g)`` (``methods.group_weights``) used as a weighted sampler with
+  ``w = N_train(g) / N_retain(g)`` (``weights.group_weights``) used as a weighted sampler with
   replacement (the reference) and as loss weights (same weights, mean 1 over D_r);
 * approximate unlearning: L1-sparse, SalUn and SCRUB, plain and with the reweighting sampler, and
   MIU (``methods.miu``, with the sampler as in the paper; "MIU (no RW)" is its ablation);
@@ -51,7 +51,7 @@ import numpy as np
 import optax
 
 from experiments import common
-from jaxunlearn import data, metrics, models, train, weights
+from jaxunlearn import data, evaluation, loop, metrics, models, weights
 from jaxunlearn import methods as M
 from jaxunlearn import mutual_information as mi
 from jaxunlearn.influence import last_layer, measurements, scores
@@ -217,7 +217,7 @@ def evaluate(apply_fn, variables, sets: dict, *, target: int, sensitive: int,
       eo_binarize: De Min's FairFace EO: target ``y == target`` vs not, group ``s == sensitive``
         vs not (the cell accuracy stays the K-way accuracy).
     """
-    logits = {k: train.predict(apply_fn, variables, sets[k]["x"])[0] for k in sets}
+    logits = {k: evaluation.predict(apply_fn, variables, sets[k]["x"])[0] for k in sets}
     y = {k: np.asarray(sets[k]["y"]) for k in sets}
     g_test = _require_groups(sets["test"], "EO, group and worst-group accuracy")
     out = {f"{k}_accuracy": metrics.accuracy(logits[k], y[k]) for k in ("retain", "forget", "test")}
@@ -296,13 +296,13 @@ def soft_retain_weights(apply_fn, variables, retain: dict, val: dict, base_weigh
     ``base_weight (1 + eps)`` is >= 0 (the QP's feasible set is convex and holds 0, so the scaled
     eps stays feasible; its predicted change is scaled by t).
     """
-    feats_r = jnp.asarray(train.predict(apply_fn, variables, retain["x"])[1], jnp.float64
+    feats_r = jnp.asarray(evaluation.predict(apply_fn, variables, retain["x"])[1], jnp.float64
                           if jax.config.jax_enable_x64 else jnp.float32)
-    feats_v = jnp.asarray(train.predict(apply_fn, variables, val["x"])[1], feats_r.dtype)
+    feats_v = jnp.asarray(evaluation.predict(apply_fn, variables, val["x"])[1], feats_r.dtype)
     w = jnp.asarray(base_weight, feats_r.dtype)
     head, fit_info = last_layer.refit_head(feats_r, jnp.asarray(retain["y"]), l2=l2,
                                            num_outputs=num_outputs, fit_intercept=True, weight=w)
-    problem = last_layer.make_problem(head, feats_r, jnp.asarray(retain["y"]), l2=l2, weight=w)
+    problem = last_layer.make_problem(head, {"x": feats_r, "y": jnp.asarray(retain["y"]), "weight": w}, l2=l2)
     vb = {"x": feats_v, "y": jnp.asarray(val["y"]), "group": jnp.asarray(val["group"])}
     measure = measurements.equal_opportunity(last_layer.head_apply, num_groups=num_groups,
                                              classes=[target], aggregate="range")
@@ -341,20 +341,21 @@ class Study:
         self._methods = {}
 
     def fresh(self):
-        """A copy of the initial variables (``train.fit`` donates the buffers it is given)."""
+        """A copy of the initial variables (kept apart from any run's buffers)."""
         return jax.tree.map(jnp.copy, self.init_vars)
 
     def train_original(self) -> tuple[dict, dict]:
         tr = self.cfg["train"]
         t0 = time.perf_counter()
-        variables, history = M.retrain(self.fresh(), self.model.apply, self.train_tx, self.ds.train,
-                                       epochs=tr["epochs"], batch_size=tr["batch_size"],
-                                       key=jax.random.fold_in(self.key, 1), l2=tr["l2"],
-                                       progress=self.progress)
+        trainer = M.train(self.model.apply, self.train_tx, l2=tr["l2"])
+        variables, _, history = loop.run(trainer, self.fresh(), {"train": self.ds.train},
+                                         epochs=tr["epochs"], batch_size=tr["batch_size"],
+                                         key=jax.random.fold_in(self.key, 1), progress=self.progress)
         return variables, {"seconds": time.perf_counter() - t0, "final_loss": history[-1]["loss"]}
 
     def sets(self, rows) -> dict:
         forget, retain = data.forget_retain_splits(self.ds.train, rows)
+        forget = {**forget, "weight": -np.ones(len(forget["y"]), np.float32)}  # hard removal
         return {"forget": forget, "retain": retain, "val": self.ds.val, "test": self.ds.test}
 
     def evaluate(self, variables, sets) -> dict:
@@ -363,26 +364,28 @@ class Study:
 
     def retrain(self, retain, *, weight=None, sampling_weight=None, key_id=2):
         tr = self.cfg["train"]
-        tx = _optimizer(tr, len(retain["y"]))
-        variables, _ = M.retrain(self.fresh(), self.model.apply, tx, retain, epochs=tr["epochs"],
-                                 batch_size=tr["batch_size"], key=jax.random.fold_in(self.key, key_id),
-                                 weight=weight, sampling_weight=sampling_weight, l2=tr["l2"],
-                                 progress=self.progress)
+        n = len(retain["y"])  # the cosine horizon depends on |D_r|: one program per retain size
+        program = self.method(f"retrain/{n}", lambda: M.retrain(self.model.apply, _optimizer(tr, n),
+                                                                 l2=tr["l2"]))
+        split = retain if weight is None else {**retain, "weight": weight}
+        variables, _, _ = loop.run(program, self.fresh(), {"retain": split}, epochs=tr["epochs"],
+                                   batch_size=tr["batch_size"], key=jax.random.fold_in(self.key, key_id),
+                                   sampling=sampling_weight, progress=self.progress)
         return variables
 
     def unlearn(self, method, original, sets, *, sampling=None, key_id=3):
         un = self.cfg["unlearn"]
-        variables, state, history = M.run_method(
-            method, original, sets["forget"], sets["retain"], epochs=un["epochs"],
-            batch_size=un["batch_size"], key=jax.random.fold_in(self.key, key_id),
-            retain_sampling=sampling, progress=self.progress)
+        variables, state, history = loop.run(
+            method, original, {"forget": sets["forget"], "retain": sets["retain"]},
+            epochs=un["epochs"], batch_size=un["batch_size"], key=jax.random.fold_in(self.key, key_id),
+            sampling=sampling, progress=self.progress)
         return variables, state, history
 
     def method(self, name: str, make):
-        """One Method object per name and dataset: run_method caches its compiled epoch per
-        update function, so the plain and reweighted runs (and the MIU variants) share it."""
+        """One compiled :class:`~jaxunlearn.loop.Program` per name and dataset, so the plain and
+        reweighted runs (and the MIU variants) share one compilation."""
         if name not in self._methods:
-            self._methods[name] = make()
+            self._methods[name] = loop.compile(make())
         return self._methods[name]
 
     def miu_method(self, *, original_estimator_features="original", estimator_updates="tuning"):
@@ -425,7 +428,7 @@ def run_ratio(study: Study, original, rows, methods_to_run, *, soft: bool) -> tu
     sets = study.sets(rows)
     n = len(ds.train["y"])
     retain_mask = ~data.forget_mask(n, rows)
-    w_all = M.group_weights(ds.train["y"], ds.train["group"], retain_mask,
+    w_all = weights.group_weights(ds.train["y"], ds.train["group"], retain_mask,
                             num_sensitive=ds.num_groups)
     w_r = w_all[retain_mask]
     w_r_loss = w_r / w_r.mean()
@@ -450,7 +453,7 @@ def run_ratio(study: Study, original, rows, methods_to_run, *, soft: bool) -> tu
     def salun():  # the saliency mask depends on the forget set: one SalUn per ratio
         if "method" not in salun_cache:
             mask = M.saliency_mask(apply_fn, original, sets["forget"], threshold=0.5)
-            salun_cache["method"] = M.salun(apply_fn, mask)
+            salun_cache["method"] = loop.compile(M.salun(apply_fn, mask))
         return salun_cache["method"]
 
     def miu_row(sampling, cache=None):
@@ -473,7 +476,7 @@ def run_ratio(study: Study, original, rows, methods_to_run, *, soft: bool) -> tu
             info["soft_weights"] = {"error": f"{type(e).__name__}: {e}"}
     sw = None if eps is None else w_r * (1.0 + eps)
 
-    l1 = lambda: study.method("l1_sparse", lambda: M.l1_sparse(apply_fn))
+    l1 = lambda: study.method("l1_sparse", lambda: M.l1_sparse(apply_fn, epochs=cfg["unlearn"]["epochs"]))
     scrub = lambda: study.method("scrub", lambda: M.scrub(apply_fn))
     jobs = {
         "retrain": lambda: ev(study.retrain(sets["retain"])),
@@ -530,7 +533,7 @@ def quirk_ablation(study: Study, original, ratio_rows: dict, extra: dict, *, min
     c = jnp.asarray(np.eye(ds.num_classes * ds.num_groups, dtype=np.float32)[
         retain["group"] + retain["y"] * ds.num_groups])
     key = jax.random.fold_in(study.key, 7)
-    z_orig = train.predict(apply_fn, original, retain["x"])[1]
+    z_orig = evaluation.predict(apply_fn, original, retain["x"])[1]
     fresh_orig = mi.estimate_mi(z_orig, c, key=jax.random.fold_in(key, 0), steps=mine_steps,
                                 batch_size=512, marginal="uniform")
     out = {"fresh_mi_original": fresh_orig, "variants": {}}
@@ -546,7 +549,7 @@ def quirk_ablation(study: Study, original, ratio_rows: dict, extra: dict, *, min
             except FloatingPointError as e:
                 out["variants"][name] = {"flags": flags, "error": f"{type(e).__name__}: {e}"}
                 continue
-        z_unl = train.predict(apply_fn, v, retain["x"])[1]
+        z_unl = evaluation.predict(apply_fn, v, retain["x"])[1]
         est_u, est_o = state.extra["estimator_unlearned"], state.extra["estimator_original"]
         seconds = ratio_rows["miu"]["seconds"] if name == "default" and extra.get("miu_run") \
             else time.perf_counter() - t0
@@ -750,9 +753,9 @@ def main(argv=None) -> dict:
         p.add_argument("--no-compile-cache", action="store_true",
                        help="do not use JAX's persistent compilation cache in OUT/.jax_cache")
 
-    args = common.parse_args(__doc__.splitlines()[0], presets=("quick", "celeba", "waterbirds",
-                                                                "fairface", "tiny"),
-                             default_out="runs/group_robust", extra=extra, argv=argv)
+    args = common.parse_preset_args(__doc__.splitlines()[0],
+                                    presets=("quick", "celeba", "waterbirds", "fairface", "tiny"),
+                                    default_out="runs/group_robust", extra=extra, argv=argv)
     preset = PRESETS[args.preset]
     check_ratios(preset["ratios"])
     if not args.no_compile_cache and jax.config.jax_compilation_cache_dir is None:

@@ -1,9 +1,10 @@
 """Influence vs actual leave-one-out change on Adult (seed 004, Figure 3).
 
-    python -m experiments.influence_validity [--preset quick|paper] [--out DIR] [--seed S]
+    python -m experiments.influence_validity --config experiments/configs/influence_validity_quick.py \
+        [--set num_points=150 ...] [--out DIR] [--seed S] [--fresh]
 
 For logistic regression (LR) and for the last layer of the NN (two hidden ReLU layers and a
-linear head, trained with :mod:`jaxunlearn.train`; its head refit on the frozen features), with
+linear head, trained with :func:`jaxunlearn.methods.train`; its head refit on the frozen features), with
 the reference's convex surrogate (L2 logistic regression, sklearn ``C = 1 / 2.2622``, i.e.
 ``l2 = 2.2622 / n`` on the mean loss, no intercept; Newton's method to ``||grad|| < 1e-12`` in
 float64):
@@ -17,7 +18,8 @@ float64):
 
 Outputs in ``--out``: ``results.json`` (correlations, every predicted/actual pair, timings),
 ``report.md`` (the table), ``figure3.png`` (the 2 x 3 grid of the paper) and one
-``scatter_<model>_<measurement>.png`` per panel.
+``scatter_<model>_<measurement>.png`` per panel. ``results.json`` is rewritten after each model;
+a rerun with the same config skips the finished ones.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 import optax
 
 from experiments import common
-from jaxunlearn import models, train
+from jaxunlearn import evaluation
 from jaxunlearn.data.tabular import load_adult
 from jaxunlearn.influence import last_layer, measurements, validation
 
@@ -53,19 +55,16 @@ class Config:
     gamma: float = 1.3
 
 
-PRESETS = {"quick": Config(), "paper": Config(num_points=150, nn_epochs=20)}
 
 
 def _nn_features(ds, cfg: Config, key, progress: bool):
     """Train the NN on Adult; return its penultimate features for train and test."""
-    net = models.mlp(ds.train["x"].shape[1], 1, hidden=cfg.nn_hidden)
-    tx = optax.adam(cfg.nn_lr)
-    state = train.create_train_state(net, tx, key, ds.train["x"][:1])
-    step = train.make_train_step(net.apply, tx, l2=cfg.nn_l2)
-    state, history = train.fit(state, step, ds.train, batch_size=cfg.batch_size, epochs=cfg.nn_epochs,
-                               key=jax.random.fold_in(key, 1), progress=progress, desc="NN")
-    acc = train.evaluate(net.apply, state.variables, ds.test)["accuracy"]
-    feats = [train.predict(net.apply, state.variables, s["x"])[1] for s in (ds.train, ds.test)]
+    net = common.build_model("mlp", ds.train["x"].shape[1:], 2, hidden=cfg.nn_hidden)
+    variables, history = common.train_model(net, ds.train, optax.adam(cfg.nn_lr), epochs=cfg.nn_epochs,
+                                            batch_size=cfg.batch_size, l2=cfg.nn_l2, init_key=key,
+                                            key=jax.random.fold_in(key, 1), progress=progress, desc="NN")
+    acc = evaluation.evaluate(net.apply, variables, ds.test)["accuracy"]
+    feats = [evaluation.predict(net.apply, variables, s["x"])[1] for s in (ds.train, ds.test)]
     return feats[0], feats[1], {"nn_test_accuracy": acc, "nn_final_loss": history[-1]["loss"]}
 
 
@@ -87,11 +86,11 @@ def run_model(name: str, x_train, y_train, test: dict, cfg: Config, progress: bo
         adv = measurements.linear_adversarial_batch(tb, head["kernel"], gamma=cfg.gamma)
         measures = {
             "utility": (measurements.utility(last_layer.head_apply), tb),
-            "fairness": (measurements.demographic_parity(last_layer.head_apply), tb),
-            "robustness": (measurements.robustness(last_layer.head_apply), adv),
+            "fairness": (measurements.demographic_parity(last_layer.head_apply, aggregate="range"), tb),
+            "robustness": (measurements.utility(last_layer.head_apply), adv),  # on the attack batch
         }
         with common.timer(t, "scores_and_loo"):
-            res, infl = validation.validate_last_layer(head, x, y, measures, l2=l2,
+            res, infl = validation.validate_last_layer(head, {"x": x, "y": y}, measures, l2=l2,
                                                        num_points=cfg.num_points, progress=progress)
     logits = np.asarray(test["x"], np.float64) @ np.asarray(head["kernel"], np.float64)
     acc = float(np.mean((logits[:, 0] > 0) == np.asarray(test["y"])))
@@ -167,23 +166,30 @@ def report(results: list[dict], extra: dict, cfg: Config, preset: str) -> str:
 
 
 def main(argv=None) -> dict:
-    args = common.parse_args(__doc__.splitlines()[0], default_out="results/influence_validity",
-                             argv=argv)
-    cfg = PRESETS[args.preset]
+    args, cfg, name = common.parse_args(__doc__.splitlines()[0], driver="influence_validity",
+                                        config_cls=Config, default_out="results/influence_validity",
+                                        argv=argv)
     progress = not args.no_progress
     key = jax.random.key(args.seed)
+    path = os.path.join(args.out, "results.json")
+    signature = {"config": dataclasses.asdict(cfg), "seed": args.seed}
+    results = [] if args.fresh else common.resume_rows(path, signature)  # one row per model
     t0 = time.perf_counter()
     ds = load_adult(seed=args.seed)
-    results = [run_model("LR", ds.train["x"], ds.train["y"], ds.test, cfg, progress)]
-    ftr, fte, extra = _nn_features(ds, cfg, key, progress)
-    test_f = {"x": fte, "y": ds.test["y"], "group": ds.test["group"]}
-    results.append(run_model("NN", ftr, ds.train["y"], test_f, cfg, progress))
-    summary = {"preset": args.preset, "config": dataclasses.asdict(cfg), "seed": args.seed,
-               "environment": common.environment(), "seconds": time.perf_counter() - t0,
-               **extra, "results": results}
-    common.write_json(os.path.join(args.out, "results.json"), summary)
+    if not any(r["model"] == "LR" for r in results):
+        results.append(run_model("LR", ds.train["x"], ds.train["y"], ds.test, cfg, progress))
+        common.write_json(path, {"signature": signature, "rows": results})
+    if not any(r["model"] == "NN" for r in results):
+        ftr, fte, nn = _nn_features(ds, cfg, key, progress)
+        test_f = {"x": fte, "y": ds.test["y"], "group": ds.test["group"]}
+        results.append({**run_model("NN", ftr, ds.train["y"], test_f, cfg, progress), **nn})
+    extra = {k: v for k, v in results[-1].items() if k.startswith("nn_")}
+    summary = {"signature": signature, "preset": name, "config": dataclasses.asdict(cfg),
+               "seed": args.seed, "environment": common.environment(),
+               "seconds": time.perf_counter() - t0, **extra, "rows": results}
+    common.write_json(path, summary)
     plot(results, args.out)
-    common.write_text(os.path.join(args.out, "report.md"), report(results, extra, cfg, args.preset))
+    common.write_text(os.path.join(args.out, "report.md"), report(results, extra, cfg, name))
     for r in results:
         print(r["model"], {k: (round(r["pearson"][k], 4), round(r["spearman"][k], 4)) for k in MEASURES})
     return summary

@@ -1,7 +1,10 @@
 """Hard- vs soft-weighted unlearning for fairness and robustness (Qiao et al. 2026, seed 004).
 
-    python -m experiments.soft_weighted [--preset quick|paper|bank|german|celeba-resnet18|cifar100-resnet50|jigsaw]
-                                        [--out DIR] [--data-dir DIR] [--seeds N] [--fresh]
+    python -m experiments.soft_weighted --config experiments/configs/soft_weighted_quick.py \
+        [--set seeds=5 ...] [--out DIR] [--data-dir DIR] [--fresh]
+
+(``--preset NAME`` loads ``experiments/configs/soft_weighted_<NAME>.py``: quick, smoke, paper,
+bank, german, jigsaw, celeba-resnet18, cifar100-resnet50.)
 
 For every dataset x model (LR; NN = the MLP, unlearned on its last layer) x task (fairness via
 DP, fairness via EOP, robustness) x algorithm, over several seeds:
@@ -18,7 +21,7 @@ DP, fairness via EOP, robustness) x algorithm, over several seeds:
    IF update until the target metric stops improving by more than 1 % of its original value
    (the sweep uses IF's closed form for every algorithm, so all hard runs share one k);
 4. run each unlearning algorithm on the last layer with the hard and with the soft weights (the
-   same code: :func:`jaxunlearn.methods.soft_split`; Fisher takes the diagonal-Fisher Newton step
+   same code: :func:`jaxunlearn.weights.unlearning_sets` and :func:`jaxunlearn.loop.run`; Fisher takes the diagonal-Fisher Newton step
    towards the weighted retain optimum, with a backtracking step size, before its noise) and
    evaluate on the test set: accuracy, DP,
    EOP (hard predictions), adversarial loss and accuracy on Megyeri test points made once against
@@ -45,8 +48,8 @@ import numpy as np
 import optax
 
 from experiments import common
-from jaxunlearn import data, losses, methods, metrics, models, train, weights
-from jaxunlearn.influence import last_layer, measurements, scores
+from jaxunlearn import data, evaluation, loop, losses, methods, metrics, weights
+from jaxunlearn.influence import last_layer, measurements, scores, solvers, update
 
 TASKS = ("dp", "eop", "robust")
 LR_ALGORITHMS = ("GA_FT", "IF", "Fisher", "SCRUB", "Bad-T")  # Table 1 (convex model)
@@ -82,48 +85,18 @@ class Config:
     backbone_width: int = 64
 
 
-PRESETS = {
-    "quick": Config(seeds=2, unlearn_epochs=5),
-    "smoke": Config(seeds=1, models=("lr",), tasks=("dp",), unlearn_epochs=1, max_train=2000,
-                    algorithms=("GA_FT", "IF"), hard_fractions=(0.05, 0.1)),
-    "paper": Config(seeds=5, unlearn_epochs=30, nn_epochs=20),
-    "bank": Config(datasets=("bank",), seeds=5, unlearn_epochs=30, nn_epochs=20),
-    # not in the paper: UCI German credit (1,000 rows, sensitive = sex), a second real tabular set
-    "german": Config(datasets=("german",), seeds=5, unlearn_epochs=30, nn_epochs=20, batch_size=64),
-    "jigsaw": Config(datasets=("civil_comments",), seeds=5, unlearn_epochs=30, nn_epochs=10),
-    "celeba-resnet18": Config(datasets=("celeb_a",), models=("nn",), tasks=("dp", "eop"), seeds=5,
-                              unlearn_epochs=30, nn_epochs=10, backbone="resnet18",
-                              image_size=64, batch_size=256),
-    "cifar100-resnet50": Config(datasets=("cifar100",), models=("nn",), tasks=("robust",), seeds=5,
-                                unlearn_epochs=30, nn_epochs=30, backbone="resnet50",
-                                batch_size=256),
-}
+def preset(name: str) -> Config:
+    """The config of ``experiments/configs/soft_weighted_<name>.py``."""
+    return common.load_config(common.config_path("soft_weighted", name), Config)
 
 
 # ----------------------------------------------------------------------------- data and models
 
 
 def load_dataset(name: str, *, seed: int, data_dir: str | None, cfg: Config) -> data.Dataset:
-    """The dataset ``name``; every one but Adult needs ``data_dir``."""
-    if name == "adult":
-        ds = data.load_adult(data_dir, seed=seed)
-        if cfg.max_train is not None:
-            rows = data.subsample_rows(len(ds.train["y"]), cfg.max_train, key=jax.random.key(seed))
-            ds = dataclasses.replace(ds, train=data.take(ds.train, rows))
-        return ds
-    if data_dir is None:
-        raise ValueError(f"dataset {name!r} is read from a directory: pass --data-dir")
-    if name == "bank":
-        return data.load_bank(data_dir, seed=seed)
-    if name == "german":
-        return data.load_german(data_dir, seed=seed)
-    if name == "celeb_a":
-        return data.load_celeb_a(size=cfg.image_size, data_dir=data_dir, max_examples=cfg.max_train)
-    if name == "civil_comments":
-        return data.load_civil_comments(data_dir=data_dir, max_examples=cfg.max_train)
-    if name == "cifar100":
-        return data.load_cifar100(data_dir=data_dir, max_examples=cfg.max_train)
-    raise ValueError(f"unknown dataset {name!r}")
+    """The dataset ``name`` (:func:`experiments.common.load_dataset`)."""
+    return common.load_dataset(name, data_dir=data_dir, seed=seed, image_size=cfg.image_size,
+                               max_train=cfg.max_train)
 
 
 def check_task(task: str, ds: data.Dataset) -> None:
@@ -151,25 +124,19 @@ def features_of(model_kind: str, ds: data.Dataset, cfg: Config, *, key, progress
     """Frozen features (train, val, test) and the training time of the body.
 
     LR: the inputs themselves. NN: the penultimate activations of a network trained on the whole
-    training set with :func:`jaxunlearn.train.fit`.
+    training set with :func:`jaxunlearn.methods.train`.
     """
     if model_kind == "lr":
         return ds.train["x"], ds.val["x"], ds.test["x"], 0.0
-    k = 1 if ds.num_classes == 2 else ds.num_classes
-    if cfg.backbone == "mlp":
-        net = models.mlp(int(np.prod(ds.input_shape)), k, hidden=cfg.nn_hidden)
-    elif cfg.backbone == "resnet18":
-        net = models.resnet18(ds.input_shape, k, width=cfg.backbone_width)
-    else:
-        net = models.resnet50(ds.input_shape, k, width=cfg.backbone_width)
-    steps = cfg.nn_epochs * data.num_batches(len(ds.train["y"]), cfg.batch_size)
-    tx = optax.adam(optax.cosine_decay_schedule(cfg.nn_lr, steps))
-    state = train.create_train_state(net, tx, key, ds.train["x"][:1])
-    step = train.make_train_step(net.apply, tx, l2=1e-5)
+    net = common.build_model(cfg.backbone, ds.input_shape, ds.num_classes, hidden=cfg.nn_hidden,
+                             width=cfg.backbone_width)
+    tx = common.cosine_adam(cfg.nn_lr, epochs=cfg.nn_epochs, n=len(ds.train["y"]),
+                            batch_size=cfg.batch_size)
     t0 = time.perf_counter()
-    state, _ = train.fit(state, step, ds.train, batch_size=cfg.batch_size, epochs=cfg.nn_epochs,
-                         key=jax.random.fold_in(key, 1), progress=progress, desc="NN body")
-    feats = [train.predict(net.apply, state.variables, s["x"])[1] for s in (ds.train, ds.val, ds.test)]
+    variables, _ = common.train_model(net, ds.train, tx, epochs=cfg.nn_epochs, batch_size=cfg.batch_size,
+                                      l2=1e-5, init_key=key, key=jax.random.fold_in(key, 1),
+                                      progress=progress, desc="NN body")
+    feats = [evaluation.predict(net.apply, variables, s["x"])[1] for s in (ds.train, ds.val, ds.test)]
     return (*feats, time.perf_counter() - t0)
 
 
@@ -209,27 +176,16 @@ TARGET = {"dp": "dp", "eop": "eop", "robust": "adv_loss"}
 
 def influence_vectors(head, train_f: dict, val_f: dict, *, l2: float, gamma: float = 1.3):
     """Scores (DESIGN.md convention) of every training sample for utility, DP, EOP, robustness."""
-    problem = last_layer.make_problem(head, train_f["x"], train_f["y"], l2=l2)
+    problem = last_layer.make_problem(head, {"x": train_f["x"], "y": train_f["y"]}, l2=l2)
     val = {k: jnp.asarray(v) for k, v in val_f.items()}
     adv_val = measurements.linear_adversarial_batch(val, head["kernel"], head.get("bias"), gamma=gamma)
     measures = {"util": (measurements.utility(last_layer.head_apply), val),
-                "robust": (measurements.robustness(last_layer.head_apply), adv_val)}
-    if len(np.unique(val_f["group"])) >= 2:
-        measures["dp"] = (measurements.demographic_parity(last_layer.head_apply), val)
-        measures["eop"] = (measurements.equal_opportunity(last_layer.head_apply), val)
-    res = scores.influence_scores(problem, measures, solver="direct", on_nonstationary="raise")
+                "robust": (measurements.utility(last_layer.head_apply), adv_val)}  # the attack batch
+    if len(np.unique(val_f["group"])) >= 2:  # |gap| measurements: the study lowers |DP|, |EOP|
+        measures["dp"] = (measurements.demographic_parity(last_layer.head_apply, aggregate="range"), val)
+        measures["eop"] = (measurements.equal_opportunity(last_layer.head_apply, aggregate="range"), val)
+    res = scores.influence_scores(problem, measures, solver=solvers.Direct(), on_nonstationary="raise")
     return problem, {k: np.asarray(v) for k, v in res.scores.items()}, res.values, res.grad_norm
-
-
-def if_update(problem, head, eps) -> dict:
-    """IF's closed form, seed 004 eq. (8): theta - (1/n) H^{-1} sum_i eps_i grad l_i."""
-    d = problem.data
-    G = last_layer.per_sample_grads(d["W"], d["X"], d["y"])  # [n, p]
-    g = jnp.asarray(eps, G.dtype) @ G
-    H = problem.hessian(d)
-    step = jnp.linalg.solve(H, g) / problem.normalizer
-    W = d["W"] - step.reshape(d["W"].shape)
-    return last_layer.matrix_to_head(W, fit_intercept="bias" in head)
 
 
 def hard_sweep(problem, head, metric_scores, val_f, adv_val, task, fractions, tolerance):
@@ -239,72 +195,62 @@ def hard_sweep(problem, head, metric_scores, val_f, adv_val, task, fractions, to
     model's value, so that vanishing gains do not remove half of the training set.
     """
 
-    def evaluate(eps):
-        new = if_update(problem, head, eps)
-        return evaluate_head(new, val_f, adv_val)[TARGET[task]]
+    def evaluate(new_head):
+        return evaluate_head(new_head, val_f, adv_val)[TARGET[task]]
 
-    base_value = abs(evaluate_head(head, val_f, adv_val)[TARGET[task]])
-    sweep = weights.sweep_hard_fraction(evaluate, metric_scores, fractions,
-                                        min_improvement=tolerance * base_value)
+    base_value = abs(evaluate(head))
+    sweep = update.sweep_influence_update(problem, metric_scores, evaluate, fractions,
+                                          solver=solvers.Direct(), min_improvement=tolerance * base_value)
     return sweep.fraction, np.asarray(sweep.weights), list(zip(sweep.fractions, sweep.values))
 
 
 # ----------------------------------------------------------------------------- algorithms
 
 
-def build_methods(names, *, head, problem, cfg: Config, key) -> dict:
-    """The weight-independent algorithms on the last layer, built once per cell.
+def if_method(head, problem) -> methods.Method:
+    """IF unlearning on the head with the exact inverse Hessian (a Cholesky factor, built once)."""
+    shape, fit_intercept = problem.data["W"].shape, "bias" in head
 
-    Reusing one :class:`~jaxunlearn.methods.Method` object across tasks and schemes lets
-    :func:`~jaxunlearn.methods.run_method` reuse its compiled epochs. Fisher depends on the retain
-    weights (its diagonal Fisher is weighted), so it is built per run by :func:`run_algorithm`.
+    def inverse_hvp(v, L):
+        x = jax.scipy.linalg.cho_solve((L, True), last_layer.head_to_matrix(v).reshape(-1))
+        return last_layer.matrix_to_head(x.reshape(shape), fit_intercept=fit_intercept)
+
+    chol = jnp.linalg.cholesky(problem.hessian(problem.data))
+    return methods.influence_unlearning(last_layer.head_apply, inverse_hvp,
+                                        num_train=int(problem.normalizer), operands=chol)
+
+
+def build_methods(names, *, head, problem, cfg: Config, key) -> dict:
+    """The weight-independent algorithms on the last layer, compiled once per cell.
+
+    Each is a :class:`~jaxunlearn.loop.Program` (:func:`jaxunlearn.loop.compile`), reused across
+    tasks and schemes without recompiling. Fisher depends on the retain weights (its diagonal
+    Fisher is weighted), so it is built per run by :func:`run_algorithm`.
     """
     apply_fn = last_layer.head_apply
-    opt = optax.adam(cfg.unlearn_lr)
-    slow = optax.adam(cfg.unlearn_lr / 10)
+    opt, slow = optax.adam(cfg.unlearn_lr), optax.adam(cfg.unlearn_lr / 10)
     everything = jax.tree.map(lambda _: True, head)
-    out = {}
-    for name in names:
-        if name == "GA_FT":
-            out[name] = methods.neggrad_plus(apply_fn, alpha=0.95, weight_decay=1e-3, optimizer=opt)
-        elif name == "IF":
-            fit_intercept = "bias" in head
-            shape = problem.data["W"].shape
-
-            def inverse_hvp(v, L):
-                flat = last_layer.head_to_matrix(v).reshape(-1)
-                x = jax.scipy.linalg.cho_solve((L, True), flat)
-                return last_layer.matrix_to_head(x.reshape(shape), fit_intercept=fit_intercept)
-
-            chol = jnp.linalg.cholesky(problem.hessian(problem.data))
-            out[name] = methods.influence_unlearning(apply_fn, inverse_hvp,
-                                                     num_train=int(problem.normalizer), operands=chol)
-        elif name == "NTK":
-            out[name] = methods.ntk_forgetting(apply_fn, weight_decay=0.1)
-        elif name == "SCRUB":
-            out[name] = methods.scrub(apply_fn, optimizer=slow)
-        elif name == "Bad-T":
-            rand = jax.tree.map(lambda p: 0.1 * jax.random.normal(key, p.shape, p.dtype), head)
-            out[name] = methods.bad_teacher(apply_fn, {"params": rand}, optimizer=slow)
-        elif name == "CF-k":
-            out[name] = methods.cf_k(apply_fn, everything, optimizer=opt)
-        elif name == "EU-k":
-            fresh = {"params": jax.tree.map(jnp.zeros_like, head)}
-            out[name] = methods.eu_k(apply_fn, fresh, everything, optimizer=opt)
-        elif name != "Fisher":
-            raise ValueError(f"unknown algorithm {name!r}")
-    return out
-
-
-# Which sets each algorithm reads (the loop walks only those).
-READS = {"GA_FT": ("forget", "retain"), "IF": ("forget",), "Fisher": (), "NTK": ("forget", "retain"),
-         "SCRUB": ("forget", "retain"), "Bad-T": ("forget", "retain"), "CF-k": ("retain",),
-         "EU-k": ("retain",)}
+    teacher = jax.tree.map(lambda p: 0.1 * jax.random.normal(key, p.shape, p.dtype), head)
+    factories = {
+        "GA_FT": lambda: methods.neggrad_plus(apply_fn, alpha=0.95, weight_decay=1e-3, optimizer=opt),
+        "IF": lambda: if_method(head, problem),
+        "NTK": lambda: methods.ntk_forgetting(apply_fn, weight_decay=0.1),
+        "SCRUB": lambda: methods.scrub(apply_fn, optimizer=slow),
+        "Bad-T": lambda: methods.bad_teacher(apply_fn, {"params": teacher}, optimizer=slow),
+        "CF-k": lambda: methods.cf_k(apply_fn, everything, optimizer=opt),
+        "EU-k": lambda: methods.eu_k(apply_fn, {"params": jax.tree.map(jnp.zeros_like, head)},
+                                     everything, optimizer=opt),
+    }
+    unknown = [n for n in names if n not in factories and n != "Fisher"]
+    if unknown:
+        raise ValueError(f"unknown algorithm(s) {unknown}; choose from {sorted(factories)} or Fisher")
+    return {n: loop.compile(factories[n]()) for n in names if n != "Fisher"}
 
 
 def run_algorithm(name, built: dict, *, head, train_f, eps, cfg, key, progress, l2: float):
     """Run algorithm ``name`` with weights ``eps``; returns (new head, seconds)."""
-    forget, retain = methods.soft_split(train_f, eps)
+    sets = weights.unlearning_sets(train_f, eps)
+    retain = sets["retain"]
     t0 = time.perf_counter()
     if name == "Fisher":  # the diagonal Newton step on the weighted retain objective, then noise
         v = {"params": head}
@@ -319,15 +265,15 @@ def run_algorithm(name, built: dict, *, head, train_f, eps, cfg, key, progress, 
                                            damping=l2, step_size=eta)
     else:
         method = built[name]
-    forget = forget if "forget" in READS[name] else None
-    retain = retain if "retain" in READS[name] else None
-    fbs = None
-    if forget is not None and retain is not None:  # mix the two sets in proportion
-        n_f, n_r = int(np.count_nonzero(forget["weight"])), int(np.count_nonzero(retain["weight"]))
-        fbs = max(1, round(cfg.batch_size * n_f / max(n_r, 1)))
-    variables, _, _ = methods.run_method(method, {"params": head}, forget, retain,
-                                         epochs=cfg.unlearn_epochs, batch_size=cfg.batch_size,
-                                         forget_batch_size=fbs, key=key, progress=progress)
+    uses = (method.method if isinstance(method, loop.Program) else method).uses
+    sizes = None
+    if "forget" in uses and "retain" in uses:  # mix the two sets in proportion
+        n_f = int(np.count_nonzero(sets["forget"]["weight"]))
+        n_r = int(np.count_nonzero(retain["weight"]))
+        sizes = {"forget": max(1, round(cfg.batch_size * n_f / max(n_r, 1)))}
+    variables, _, _ = loop.run(method, {"params": head}, sets, epochs=cfg.unlearn_epochs,
+                               batch_size=cfg.batch_size, batch_sizes=sizes, key=key,
+                               progress=progress)
     jax.block_until_ready(variables)
     return variables["params"], time.perf_counter() - t0
 
@@ -572,16 +518,14 @@ def run_study(cfg: Config, *, out: str, preset: str = "custom", data_dir: str | 
 def main(argv=None) -> dict:
     def extra(p):
         p.add_argument("--data-dir", default=None, help="directory of a non-embedded dataset")
-        p.add_argument("--seeds", type=int, default=None, help="override the preset's seed count")
-        p.add_argument("--fresh", action="store_true",
-                       help="ignore the finished cells of an earlier run in --out")
+        p.add_argument("--seeds", type=int, default=None, help="short for --set seeds=N")
 
-    args = common.parse_args(__doc__.splitlines()[0], presets=tuple(PRESETS),
-                             default_out="runs/soft_weighted", extra=extra, argv=argv)
-    cfg = PRESETS[args.preset]
+    args, cfg, name = common.parse_args(__doc__.splitlines()[0], driver="soft_weighted",
+                                        config_cls=Config, default_out="runs/soft_weighted",
+                                        extra=extra, argv=argv)
     if args.seeds is not None:
         cfg = dataclasses.replace(cfg, seeds=args.seeds)
-    return run_study(cfg, out=args.out, preset=args.preset, data_dir=args.data_dir, seed=args.seed,
+    return run_study(cfg, out=args.out, preset=name, data_dir=args.data_dir, seed=args.seed,
                      progress=not args.no_progress, fresh=args.fresh)
 
 

@@ -62,8 +62,10 @@ __all__ = [
     "hard_weights",
     "sweep_hard_fraction",
     "HardSweep",
-    "training_weights",
     "InfeasibleWeightsError",
+    "unlearning_sets",
+    "removal_eps",
+    "group_weights",
 ]
 
 
@@ -108,17 +110,25 @@ def _check_scalar(name: str, value, *, positive: bool) -> None:
 
 
 def soft_weights(i_metric, i_util, *, delta, lam=None, variant: str = "qp",
-                 collinear_tol: float = 1e-4, strict: bool = False):
+                 collinear_tol: float = 1e-4, strict: bool = False, scale: str = "change"):
     """Soft unlearning weights eps from influence scores (seed 004 eqs. (6)-(7)).
 
     Pure and jit-able (the cases are selected with ``jnp.where``); value checks run only on
     concrete inputs. See the module docstring for the derivation and the sign convention.
 
+    Score scale (the factor n). The QP compares ``-eps . i_metric`` with ``delta`` in the
+    metric's own units, so the scores must be *predicted changes*: the default
+    ``scale="change"`` is :func:`jaxunlearn.influence.influence_scores`' default output,
+    ``score_i = (1/n) ∇m^T H^{-1} ∇ell_i``. Seed 004's ``I(z_i; -1)`` (``influence_scores(...,
+    scale="seed004")``) is n times larger; pass ``scale="seed004"`` and it is divided by
+    n = ``len(i_metric)`` first. Feeding seed-004 scores as ``"change"`` would make eps n times too
+    small (variant ``"min_norm"``) or change which case of eq. (7) applies (``"qp"``).
+
     Args:
-      i_metric: [n] scores ``I_metric(z_i; -1)`` (fairness or robustness measurement).
-      i_util: [n] scores ``I_util(z_i; -1)`` (validation loss).
-      delta: >= 0, the largest allowed predicted decrease of the metric (eq. 6b); the paper uses
-        the current metric value ``|f0|``.
+      i_metric: [n] scores of the fairness or robustness measurement (``scale`` above).
+      i_util: [n] scores of the validation loss (same scale).
+      delta: >= 0, the largest allowed predicted decrease of the metric (eq. 6b), in the metric's
+        units; the paper uses the current metric value ``|f0|``.
       lam: > 0, weight of ``||eps||^2`` (eq. 6a); required for ``variant="qp"``, unused by
         ``"min_norm"``.
       variant: ``"qp"`` (eq. (6) solved exactly, eq. (7)) or ``"min_norm"`` (the reference's
@@ -127,6 +137,7 @@ def soft_weights(i_metric, i_util, *, delta, lam=None, variant: str = "qp",
         ``||f_perp|| <= collinear_tol * ||I_metric||`` (the sine of their angle).
       strict: raise :class:`InfeasibleWeightsError` instead of falling back on degenerate
         inputs (zero I_metric, collinear vectors). Needs concrete inputs.
+      scale: ``"change"`` (default) or ``"seed004"`` (scores n times larger, divided by n here).
 
     Returns:
       ``(eps, info)``: eps [n] (training weight ``1 + eps``, see :func:`training_weights`); info
@@ -135,9 +146,14 @@ def soft_weights(i_metric, i_util, *, delta, lam=None, variant: str = "qp",
     """
     if variant not in ("qp", "min_norm"):
         raise ValueError(f"variant must be 'qp' or 'min_norm', got {variant!r}")
+    if scale not in ("change", "seed004"):
+        raise ValueError(f"scale must be 'change' (influence_scores' default: predicted change of the "
+                         f"metric, 1/n included) or 'seed004' (n times that), got {scale!r}")
     f = jnp.asarray(i_metric)
     u = jnp.asarray(i_util)
     _check_vectors(f, u)
+    if scale == "seed004":
+        f, u = f / f.shape[0], u / u.shape[0]
     _check_scalar("delta", delta, positive=False)
     if variant == "qp":
         _check_scalar("lam", lam, positive=True)
@@ -293,25 +309,6 @@ def sweep_hard_fraction(evaluate_fn: Callable[[np.ndarray], float], scores,
             if misses >= patience:
                 break
     return HardSweep(best[0], best[1], best[2], np.asarray(tried), np.asarray(values))
-
-
-def training_weights(eps, *, num_samples: int | None = None) -> jax.Array:
-    """Per-sample training weights ``1 + eps`` (seed 004 eq. (1)) for the weighted objective.
-
-    Weight 0 removes a sample, negative weights ascend on it (DESIGN.md).
-
-    Args:
-      eps: [n] weights from :func:`soft_weights` or :func:`hard_weights`.
-      num_samples: the training-set size n; a clear error if eps has another length.
-    """
-    eps = jnp.asarray(eps)
-    if eps.ndim != 1:
-        raise ValueError(f"eps must be a [n] vector, got shape {eps.shape}")
-    if num_samples is not None and eps.shape[0] != num_samples:
-        raise ValueError(f"eps has {eps.shape[0]} weights but the training set has {num_samples} samples")
-    if _is_concrete(eps) and not np.all(np.isfinite(np.asarray(eps))):
-        raise ValueError("eps contains NaN or inf")
-    return 1.0 + eps
 
 
 # ----------------------------------------------------------------------------- sets from weights

@@ -7,6 +7,8 @@ solve rtol 1e-10 in float64; CG rtol 1e-4 of the float64 solution; LiSSA rtol 1e
 eigenvalues rtol 1e-4 and its full-rank solve rtol 1e-4 (all relative to the largest entry).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -346,32 +348,68 @@ def test_arnoldi_rank_deficient_restart_and_damping_complement():
         solvers.solve_lowrank(solvers.LowRank(-lr.eigvals, lr.eigvecs), jnp.asarray(b[:, 0], jnp.float32))
 
 
-def test_make_solver_one_api():
+def test_solver_objects_one_api():
     H, b, ref = _system(q=3)
     configs = {
-        "direct": ({"damping": 0.01}, 1e-5),
-        "cg": ({"damping": 0.01, "tol": 1e-6}, 1e-4),
-        "lissa": ({"damping": 0.01, "tol": 1e-6, "depth": 20_000}, 1e-3),
-        "arnoldi": ({"damping": 0.01, "rank": 12, "num_iters": 12, "key": jax.random.key(0)}, 1e-4),
+        "direct": (solvers.Direct(damping=0.01), 1e-5),
+        "cg": (solvers.CG(damping=0.01, tol=1e-6), 1e-4),
+        "lissa": (solvers.LiSSA(damping=0.01, tol=1e-6, depth=20_000), 1e-3),
+        "arnoldi": (solvers.Arnoldi(rank=12, num_iters=12, key=jax.random.key(0), damping=0.01), 1e-4),
     }
+    shapes = []
+
+    def matmat(V):  # a block product: the solvers must hand it [p, q] blocks, never vmap it
+        shapes.append(V.shape)
+        return H @ V
 
     @jax.jit
-    def run(H, b):
+    def run(H, b, solver_tree):  # solver objects are pytrees: they pass through jit as arguments
         out = {}
-        for name, (kw, _) in configs.items():
-            solve = solvers.make_solver(name, **kw)
-            out[name] = (solve(_matvec(H), b).x, solve(H, b).x)
+        for name, solver in solver_tree.items():
+            out[name] = (solver.solve(_matvec(H), b).x, solver.solve(H, b).x,
+                         solver.solve(solvers.LinearOperator(matmat, lambda: H), b).x)
         return out
 
-    for name, xs in run(H, b).items():
+    got = run(H, b, {k: v[0] for k, v in configs.items()})
+    for name, xs in got.items():
         for x in xs:
             _close(x, ref, configs[name][1], err_msg=name)
-    with pytest.raises(ValueError, match="unknown solver"):
-        solvers.make_solver("newton")
-    with pytest.raises(ValueError, match="unknown arguments"):
-        solvers.make_solver("cg", depth=3)
-    with pytest.raises(ValueError, match="needs"):
-        solvers.make_solver("arnoldi", rank=3)
+    assert all(len(s) == 2 for s in shapes) and {s[1] for s in shapes} <= {1, 3, 12}
+    # hyperparameters are checked at construction, naming the argument
+    with pytest.raises(ValueError, match="tol"):
+        solvers.CG(tol=-1.0)
+    with pytest.raises(ValueError, match="damping"):
+        solvers.Direct(damping=-0.1)
+    with pytest.raises(ValueError, match="rank"):
+        solvers.Arnoldi(rank=13, num_iters=12, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="method"):
+        solvers.Direct(method="lu")
+    with pytest.raises(ValueError, match="square matrix"):
+        solvers.CG().solve(jnp.ones((3, 4)), jnp.ones(3))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        solvers.CG().tol = 1.0
+    # a factor serves many solves; its damping must be the solver's
+    direct = solvers.Direct(damping=0.01)
+    factor = direct.factorize(H)
+    _close(direct.solve(factor, b).x, ref, 1e-5)
+    with pytest.raises(ValueError, match="damping"):
+        solvers.Direct(damping=0.5).solve(factor, b)
+
+
+def test_truncated_arnoldi_reports_its_true_residual():
+    lam = np.linspace(1.0, 0.5, 30)  # flat spectrum: a rank-5 inverse misses most of b
+    A, _ = _spd(lam, seed=8)
+    b = jnp.asarray(np.random.default_rng(9).normal(size=(30, 2)), jnp.float32)
+    trunc = solvers.Arnoldi(rank=5, num_iters=10, key=jax.random.key(0), raise_on_fail=False)
+    with pytest.warns(solvers.SolverWarning, match="exceeds tol"):
+        res = trunc.solve(jnp.asarray(A, jnp.float32), b)
+    true = np.linalg.norm(A @ np.asarray(res.x, np.float64) - np.asarray(b), axis=0) / np.linalg.norm(b, axis=0)
+    np.testing.assert_allclose(res.residual, true, rtol=1e-3)
+    assert true.min() > 0.3 and not bool(res.converged)
+    with pytest.raises(solvers.NonConvergenceError):
+        solvers.Arnoldi(rank=5, num_iters=10, key=jax.random.key(0)).solve(jnp.asarray(A, jnp.float32), b)
+    full = solvers.Arnoldi(rank=30, num_iters=30, key=jax.random.key(0)).solve(jnp.asarray(A, jnp.float32), b)
+    assert bool(full.converged) and float(full.residual.max()) < 1e-3
 
 
 def test_cg_inside_jit_on_more_than_4096_softmax_rows():
@@ -399,3 +437,29 @@ def test_cg_inside_jit_on_more_than_4096_softmax_rows():
     H = np.asarray(jax.jit(lambda w, b: hvp_lib.dense_hessian(obj, w, b))(w, batch), np.float64)
     ref = np.linalg.solve(H, np.asarray(b, np.float64))
     np.testing.assert_allclose(res.x, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_cg_object_warm_start_inside_jit_on_more_than_4096_softmax_rows():
+    """The same guard through the CG object with a warm start passed as a jit argument."""
+    n, d, k = 4500, 32, 10
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, k, n))
+    w = jnp.asarray(rng.normal(size=(k, d)) * 0.1, jnp.float32)
+
+    def brier(w, batch):
+        return jnp.sum(jnp.square(jax.nn.softmax(batch["x"] @ w.T) - jax.nn.one_hot(batch["y"], k)), -1)
+
+    obj = grads.make_mean_objective(brier, l2=0.1)
+    batch = {"x": x, "y": y, "weight": jnp.ones(n)}
+    b = jnp.asarray(rng.normal(size=(d * k, 2)), jnp.float32)
+
+    @jax.jit
+    def solve(w, batch, b, x0, solver):
+        return solver.solve(hvp_lib.make_flat_hvp(obj, w, batch), b, x0=x0)
+
+    cold = solve(w, batch, b, jnp.zeros_like(b), solvers.CG(tol=1e-6))
+    warm = solve(w, batch, b, cold.x * 0.99, solvers.CG(tol=1e-6))
+    assert bool(cold.converged) and bool(warm.converged) and float(warm.residual.max()) < 1e-5
+    assert int(warm.iterations) < int(cold.iterations)
+    np.testing.assert_allclose(warm.x, cold.x, rtol=1e-3, atol=1e-4 * float(jnp.abs(cold.x).max()))

@@ -4,6 +4,7 @@ Oracles: ``jax.hessian`` / ``jax.grad`` of single examples, dense inverses, nump
 scikit-learn's logistic regression, and actual leave-one-out retraining on UCI Adult.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -11,10 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxunlearn import losses, models
+from jaxunlearn import losses, methods, models, weights
+from jaxunlearn.influence import update as U
 from jaxunlearn.influence import last_layer as ll
 from jaxunlearn.influence import measurements as M
 from jaxunlearn.influence import scores as S
+from jaxunlearn.influence import solvers
 from jaxunlearn.influence import validation as V
 
 x64 = functools.partial(jax.enable_x64, True)
@@ -104,7 +107,7 @@ def _lr_setup(rng, n=150, d=4, icpt=True):
 def _measures(apply_fn, vb, head):
     adv = M.linear_adversarial_batch(vb, head["kernel"], head.get("bias"))
     return {"utility": (M.utility(apply_fn), vb), "dp": (M.demographic_parity(apply_fn), vb),
-            "eop": (M.equal_opportunity(apply_fn), vb), "robustness": (M.robustness(apply_fn), adv)}
+            "eop": (M.equal_opportunity(apply_fn), vb), "robustness": (M.utility(apply_fn), adv)}
 
 
 def test_last_layer_path_equals_generic_path_on_lr():
@@ -114,7 +117,7 @@ def test_last_layer_path_equals_generic_path_on_lr():
         model = models.logistic_regression(4, 1)
         batch = {"x": jnp.asarray(x), "y": jnp.asarray(y), "weight": jnp.ones(len(y))}
         generic = S.make_problem(S.model_loss(model.apply), {"head": head}, batch, l2=l2, chunk_size=64)
-        closed = ll.make_problem(head, x, y, l2=l2)
+        closed = ll.make_problem(head, {"x": x, "y": y}, l2=l2)
         closed_measures = _measures(ll.head_apply, vb, head)
         rg = S.influence_scores(generic, _measures(model.apply, vb, head))
         rl = S.influence_scores(closed, closed_measures, with_self_influence=True)
@@ -136,7 +139,7 @@ def test_scores_predict_small_weight_perturbation_exactly():
         rng = np.random.default_rng(2)
         x, y, vb, l2, head = _lr_setup(rng)
         n = len(y)
-        res = S.influence_scores(ll.make_problem(head, x, y, l2=l2), _measures(ll.head_apply, vb, head),
+        res = S.influence_scores(ll.make_problem(head, {"x": x, "y": y}, l2=l2), _measures(ll.head_apply, vb, head),
                                  with_self_influence=True)  # same compiled call as the test above
         refit = V.last_layer_refit(x, y, l2=l2, fit_intercept=True, num_outputs=1)
         measures = _measures(ll.head_apply, vb, head)  # adversarial points: fixed data
@@ -182,9 +185,9 @@ def test_loo_correlations_on_adult_lr():
         measures = {
             "utility": (M.utility(ll.head_apply), vb),
             "dp": (M.demographic_parity(ll.head_apply), vb),
-            "robustness": (M.robustness(ll.head_apply), M.linear_adversarial_batch(vb, head["kernel"])),
+            "robustness": (M.utility(ll.head_apply), M.linear_adversarial_batch(vb, head["kernel"])),
         }
-        res, infl = V.validate_last_layer(head, x, y, measures, l2=l2, num_points=30)
+        res, infl = V.validate_last_layer(head, {"x": x, "y": y}, measures, l2=l2, num_points=30)
         assert len(res.indices) == 30 and res.max_grad_norm < 1e-8
         for k in measures:
             assert res.pearson[k] >= 0.95, (k, res.pearson)
@@ -210,12 +213,12 @@ def test_dp_and_eop_measurements_match_numpy():
     ce = -np.log(p[np.arange(n), y])
     live = w != 0
     mu = np.array([[p[live & (g == s), c].mean() for c in range(3)] for s in range(3)])
-    dp = jax.jit(M.demographic_parity(ll.head_apply, num_groups=3))(head, batch)
+    dp = jax.jit(M.demographic_parity(ll.head_apply, num_groups=3, aggregate="range"))(head, batch)
     assert float(dp) == pytest.approx(np.mean(mu.max(0) - mu.min(0)), rel=1e-5)
     mad = jax.jit(M.demographic_parity(ll.head_apply, num_groups=3, aggregate="mad", classes=[2]))(head, batch)
     assert float(mad) == pytest.approx(np.mean(np.abs(mu[:, 2] - p[live, 2].mean())), rel=1e-5)
     L = np.array([[ce[live & (g == s) & (y == c)].mean() for c in range(3)] for s in range(3)])
-    eop = jax.jit(M.equal_opportunity(ll.head_apply, num_groups=3))(head, batch)
+    eop = jax.jit(M.equal_opportunity(ll.head_apply, num_groups=3, aggregate="range"))(head, batch)
     assert float(eop) == pytest.approx(np.mean(L.max(0) - L.min(0)), rel=1e-5)
     # binary, signed: the reference orientation (DP: s=1 minus s=0; EOP: s=0 minus s=1 on y=1)
     yb, gb = (y > 0).astype(np.int32), (g > 0).astype(np.int32)
@@ -228,7 +231,12 @@ def test_dp_and_eop_measurements_match_numpy():
     eops = jax.jit(M.equal_opportunity(ll.head_apply, aggregate="signed"))(hb, bb)
     want = ceb[(gb == 0) & (yb == 1)].mean() - ceb[(gb == 1) & (yb == 1)].mean()
     assert float(eops) == pytest.approx(want, rel=1e-5)
-    assert float(jax.jit(M.demographic_parity(ll.head_apply))(hb, bb)) == pytest.approx(abs(float(dps)), rel=1e-6)
+    # signed is the default; "range" is its absolute value
+    assert float(jax.jit(M.demographic_parity(ll.head_apply))(hb, bb)) == float(dps)
+    assert float(jax.jit(M.demographic_parity(ll.head_apply, aggregate="range"))(hb, bb)) == \
+        pytest.approx(abs(float(dps)), rel=1e-6)
+    with pytest.raises(ValueError, match="aggregate='range'"):  # more groups: the remedy is named
+        M.demographic_parity(ll.head_apply, num_groups=3)
 
 
 def test_absent_groups_raise():
@@ -257,7 +265,7 @@ def test_absent_groups_raise():
     rng = np.random.default_rng(0)
     xs = rng.normal(size=(20, 2))
     ys = (rng.random(20) < 0.5).astype(np.int32)
-    problem = ll.make_problem(head, xs, ys, l2=0.1)
+    problem = ll.make_problem(head, {"x": xs, "y": ys}, l2=0.1)
     with pytest.raises(ValueError, match="group=1"):
         S.influence_scores(problem, {"dp": (dp, only_g0)}, on_nonstationary="ignore")
     with pytest.raises(ValueError, match="shape"):
@@ -271,12 +279,12 @@ def test_stationarity_check():
         far = {"kernel": jnp.ones_like(head["kernel"]), "bias": head["bias"]}
         m = {"u": (M.utility(ll.head_apply), vb)}
         with pytest.warns(S.NonStationaryWarning):
-            S.influence_scores(ll.make_problem(far, x, y, l2=l2), m)
+            S.influence_scores(ll.make_problem(far, {"x": x, "y": y}, l2=l2), m)
         with pytest.raises(S.NonStationaryError):
-            S.influence_scores(ll.make_problem(far, x, y, l2=l2), m, on_nonstationary="raise")
+            S.influence_scores(ll.make_problem(far, {"x": x, "y": y}, l2=l2), m, on_nonstationary="raise")
         with pytest.raises(S.NonStationaryError):
-            S.self_influence(ll.make_problem(far, x, y, l2=l2), on_nonstationary="raise")
-        res = S.influence_scores(ll.make_problem(head, x, y, l2=l2), m, on_nonstationary="raise")
+            S.self_influence(ll.make_problem(far, {"x": x, "y": y}, l2=l2), on_nonstationary="raise")
+        res = S.influence_scores(ll.make_problem(head, {"x": x, "y": y}, l2=l2), m, on_nonstationary="raise")
         assert res.grad_norm < 1e-10
 
 
@@ -289,15 +297,16 @@ def test_cg_on_softmax_head_over_4096_rows_matches_direct():
     # any point of an L2 logistic objective has H > 0: no fit needed to compare solvers
     head = {"kernel": jnp.asarray(rng.normal(size=(d, k)), jnp.float32) * 0.3,
             "bias": jnp.asarray(rng.normal(size=k), jnp.float32) * 0.3}
-    problem = ll.make_problem(head, x, y, l2=1e-2)
+    problem = ll.make_problem(head, {"x": x, "y": y}, l2=1e-2)
     vb = {"x": jnp.asarray(x[:500]), "y": jnp.asarray(y[:500]), "group": jnp.asarray(np.arange(500) % 2)}
     m = {"u": (M.utility(ll.head_apply), vb), "dp": (M.demographic_parity(ll.head_apply), vb)}
     kw = {"on_nonstationary": "ignore"}
-    cg = S.influence_scores(problem, m, solver="cg", solver_kwargs={"tol": 1e-6}, **kw)
+    cg = S.influence_scores(problem, m, solver=solvers.CG(tol=1e-6), **kw)
     assert float(jnp.max(cg.solve.residual)) < 1e-5
     # oracle: the closed forms in float64 numpy and a dense solve
-    X = np.concatenate([x, np.ones((n, 1))], 1).astype(np.float64)
-    Wm = np.concatenate([np.asarray(head["kernel"]), np.asarray(head["bias"])[None]], 0).astype(np.float64)
+    # (flat order of both problem builders: the bias row first)
+    X = np.concatenate([np.ones((n, 1)), x], 1).astype(np.float64)
+    Wm = np.concatenate([np.asarray(head["bias"])[None], np.asarray(head["kernel"])], 0).astype(np.float64)
     z = X @ Wm
     P = np.exp(z - z.max(1, keepdims=True))
     P /= P.sum(1, keepdims=True)
@@ -313,7 +322,7 @@ def test_cg_on_softmax_head_over_4096_rows_matches_direct():
     batch = {"x": jnp.asarray(x), "y": jnp.asarray(y), "weight": jnp.ones(n)}
     generic = S.make_problem(S.model_loss(model.apply), {"head": head}, batch, l2=1e-2, chunk_size=1500)
     gm = {"u": (M.utility(model.apply), vb), "dp": (M.demographic_parity(model.apply), vb)}
-    gcg = S.influence_scores(generic, gm, solver="cg", solver_kwargs={"tol": 1e-6}, **kw)
+    gcg = S.influence_scores(generic, gm, solver=solvers.CG(tol=1e-6), **kw)
     for key in m:
         np.testing.assert_allclose(gcg.scores[key], direct[key], atol=1e-4 * np.abs(direct[key]).max())
 
@@ -347,3 +356,219 @@ def test_correlation_helpers():
     assert V.spearman(b, a) == pytest.approx(spearmanr(b, a).statistic)
     idx = V.select_points({"m": np.arange(100.0)[::-1]}, 10)
     assert len(idx) == 10 and 0 in idx and 99 in idx
+
+
+# ----------------------------------------------------------------------------- one API, staging
+
+
+def _softmax_setup(seed=7, n=80, d=3, k=3):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(n, d)))
+    y = jnp.asarray(rng.integers(0, k, n))
+    head = {"kernel": jnp.asarray(rng.normal(size=(d, k))) * 0.3,
+            "bias": jnp.asarray(rng.normal(size=k)) * 0.3}
+    batch = {"x": x, "y": y, "weight": jnp.ones(n).at[4].set(0.0)}
+    return head, batch
+
+
+def _two_block_loss(params, b):  # a frozen identity "body" under the head: features = x
+    feats = b["x"] @ params["body"]["kernel"]
+    return losses.cross_entropy(feats @ params["head"]["kernel"] + params["head"]["bias"], b["y"])
+
+
+def test_both_problem_builders_share_one_flat_order_and_a_mask_selects():
+    with x64():
+        head, batch = _softmax_setup()
+        d, k = head["kernel"].shape
+        params = {"body": {"kernel": jnp.eye(d)}, "head": head}
+        closed = ll.make_problem(head, batch, l2=0.05)
+        by_name = S.make_problem(_two_block_loss, params, batch, l2=0.05, select="head")
+        mask = {"body": {"kernel": False}, "head": {"bias": True, "kernel": True}}
+        by_mask = S.make_problem(_two_block_loss, params, batch, l2=0.05, select=mask)
+        # one flat order: ravel_pytree of {"bias", "kernel"}, the bias first
+        want = np.concatenate([np.asarray(head["bias"]), np.asarray(head["kernel"]).reshape(-1)])
+        rng = np.random.default_rng(0)
+        V = jnp.asarray(rng.normal(size=(d * k + k, 2)))
+        Uv = jnp.asarray(rng.normal(size=(batch["y"].shape[0], 2)))
+        for prob in (closed, by_name, by_mask):
+            np.testing.assert_array_equal(prob.flat, want)
+            assert prob.normalizer == closed.normalizer
+        for prob in (by_name, by_mask):
+            for f, args in (("hvp", (V,)), ("grads_dot", (V,)), ("grads_tdot", (Uv,)), ("hessian", ()),
+                            ("gradient", ())):
+                np.testing.assert_allclose(getattr(prob, f)(prob.data, *args),
+                                           getattr(closed, f)(closed.data, *args), rtol=1e-10, atol=1e-13,
+                                           err_msg=f)
+        with pytest.raises(ValueError, match="tree structure"):
+            S.make_problem(_two_block_loss, params, batch, select={"head": True})
+        with pytest.raises(ValueError, match="'x'"):
+            ll.make_problem(head, {"features": batch["x"]}, l2=0.05)
+
+
+def test_signed_scores_are_range_scores_times_the_sign_of_the_gap():
+    with x64():
+        head, batch = _softmax_setup(seed=8, k=2)
+        head = {"kernel": head["kernel"][:, :1], "bias": head["bias"][:1]}
+        batch = dict(batch, y=(batch["y"] > 0).astype(jnp.int32))
+        head, _ = ll.refit_head(batch["x"], batch["y"], l2=0.05, fit_intercept=True, weight=batch["weight"])
+        vb = {"x": batch["x"], "y": batch["y"], "group": (batch["x"][:, 1] > 0).astype(jnp.int32)}
+        problem = ll.make_problem(head, batch, l2=0.05)
+        m = {"signed": (M.demographic_parity(ll.head_apply), vb),
+             "range": (M.demographic_parity(ll.head_apply, aggregate="range"), vb)}
+        res = S.influence_scores(problem, m)
+        sign = np.sign(res.values["signed"])
+        assert res.values["range"] == pytest.approx(abs(res.values["signed"]))
+        np.testing.assert_allclose(res.scores["range"], sign * res.scores["signed"], rtol=1e-10)
+
+
+def _eq8_oracle(head, x, y, w, eps, l2):
+    """Seed 004 eq. (8) in numpy float64 for a binary head with intercept (design [1, x])."""
+    X = np.concatenate([np.ones((x.shape[0], 1)), np.asarray(x)], 1)
+    th = np.concatenate([np.asarray(head["bias"]), np.asarray(head["kernel"])[:, 0]])
+    p = 1 / (1 + np.exp(-(X @ th)))
+    live = np.asarray(w) != 0
+    n = live.sum()
+    H = (X[live] * (p * (1 - p))[live, None]).T @ X[live] / n + l2 * np.eye(X.shape[1])
+    g = X.T @ (np.asarray(eps) * live * (p - np.asarray(y)))
+    return th - np.linalg.solve(H, g) / n
+
+
+def test_influence_update_is_eq8_on_both_builders_and_the_method():
+    with x64():
+        rng = np.random.default_rng(9)
+        x, y, vb, l2, head = _lr_setup(rng, n=120, icpt=True)
+        n = len(y)
+        w = np.ones(n)
+        batch = {"x": jnp.asarray(x), "y": jnp.asarray(y), "weight": jnp.asarray(w)}
+        eps = np.zeros(n)
+        eps[[3, 10, 50]] = -1.0
+        eps[20:30] = rng.uniform(-0.3, 0.3, 10)
+        want = _eq8_oracle(head, x, y, w, eps, l2)
+        closed = ll.make_problem(head, batch, l2=l2)
+        new = U.influence_update(closed, solvers.Direct(), eps)
+        np.testing.assert_allclose(np.r_[new["bias"], new["kernel"][:, 0]], want, rtol=1e-10)
+        generic = S.make_problem(S.model_loss(models.logistic_regression(4, 1).apply), {"head": head},
+                                 batch, l2=l2)
+        new_cg = U.influence_update(generic, solvers.CG(tol=1e-12), eps)["head"]
+        np.testing.assert_allclose(np.r_[new_cg["bias"], new_cg["kernel"][:, 0]], want, rtol=1e-8)
+        # the one-shot Method shares eq. (8): same parameters from its forget batch (weights eps)
+        L = np.linalg.cholesky(np.asarray(closed.hessian(closed.data)))
+
+        def inverse_hvp(v, chol):
+            flat = ll.head_to_matrix(v).reshape(-1)
+            sol = jax.scipy.linalg.cho_solve((chol, True), flat)
+            return ll.matrix_to_head(sol.reshape(-1, 1), fit_intercept=True)
+
+        method = methods.influence_unlearning(ll.head_apply, inverse_hvp, num_train=n, operands=jnp.asarray(L))
+        variables = {"params": head}
+        state = method.init(variables)
+        forget = {"x": jnp.asarray(x), "y": jnp.asarray(y), "weight": jnp.asarray(eps)}
+        out, _, _ = method.update(variables, state, {"forget": forget}, jax.random.key(0))
+        np.testing.assert_allclose(np.r_[out["params"]["bias"], out["params"]["kernel"][:, 0]], want, rtol=1e-10)
+        # first order in eps: the update predicts the reweighted refit
+        refit = V.last_layer_refit(x, y, l2=l2, fit_intercept=True, num_outputs=1)
+        t = 1e-4
+        actual, gn = refit(1 + t * eps, head)
+        small = U.influence_update(closed, solvers.Direct(), t * eps)
+        th0 = np.r_[head["bias"], head["kernel"][:, 0]]
+        np.testing.assert_allclose(np.r_[small["bias"], small["kernel"][:, 0]] - th0,
+                                   np.r_[actual["bias"], actual["kernel"][:, 0]] - th0, rtol=1e-3)
+        with pytest.raises(ValueError, match=r"eps must have shape \[120\]"):
+            U.influence_update(closed, solvers.Direct(), eps[:-1])
+        with pytest.raises(ValueError, match="solver object"):
+            U.influence_update(closed, "direct", eps)
+
+
+def test_sweep_influence_update_matches_a_plain_loop():
+    with x64():
+        rng = np.random.default_rng(10)
+        x, y, vb, l2, head = _lr_setup(rng, n=200, icpt=True)
+        closed = ll.make_problem(head, {"x": x, "y": y}, l2=l2)
+        dp = M.demographic_parity(ll.head_apply)
+        res = S.influence_scores(closed, {"dp": (dp, vb)})
+        scores = np.sign(res.values["dp"]) * np.asarray(res.scores["dp"])  # lowers |DP|
+        evaluate = jax.jit(lambda h: jnp.abs(dp(h, vb)))
+        fractions = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+        got = U.sweep_influence_update(closed, scores, lambda h: float(evaluate(h)), fractions, patience=2)
+        plain = weights.sweep_hard_fraction(
+            lambda e: float(evaluate(U.influence_update(closed, solvers.Direct(), e))), scores, fractions,
+            patience=2)
+        assert got.fraction == plain.fraction and got.fraction > 0
+        np.testing.assert_allclose(got.values, plain.values, rtol=1e-12)
+        cg = U.sweep_influence_update(closed, scores, lambda h: float(evaluate(h)), fractions, patience=2,
+                                      solver=solvers.CG(tol=1e-10))
+        assert cg.fraction == plain.fraction
+        np.testing.assert_allclose(cg.values, plain.values, rtol=1e-7)
+
+
+def test_factor_is_reused_and_the_hessian_is_chunked_by_default(monkeypatch):
+    def formed_again(*args, **kwargs):
+        raise AssertionError("H formed again")
+
+    with x64():
+        head, batch = _softmax_setup(seed=11)
+        params = {"body": {"kernel": jnp.eye(3)}, "head": head}
+        loss = lambda p, b: _two_block_loss(p, b)  # a fresh function: nothing cached
+        with monkeypatch.context() as mp:  # the default never forms H with all p tangents at once
+            mp.setattr(jax, "hessian", formed_again)
+            problem = S.make_problem(loss, params, batch, l2=0.05, select="head")
+            vb = {"x": batch["x"][:30], "y": batch["y"][:30]}
+            m = {"u": (M.custom(lambda p, b: jnp.mean(loss(p, b))), vb)}
+            res = S.influence_scores(problem, m, with_self_influence=True, on_nonstationary="ignore")
+        closed = ll.make_problem(head, batch, l2=0.05)
+        np.testing.assert_allclose(res.factor.hessian, closed.hessian(closed.data), rtol=1e-10, atol=1e-14)
+        no_h = problem._replace(hessian=formed_again)
+        si = S.self_influence(no_h, factor=res.factor, on_nonstationary="ignore")
+        np.testing.assert_allclose(si, res.self_influence, rtol=1e-12)
+        again = S.influence_scores(no_h, m, factor=res.factor, on_nonstationary="ignore")
+        np.testing.assert_allclose(again.scores["u"], res.scores["u"], rtol=1e-12)
+        U.influence_update(no_h, solvers.Direct(), -np.eye(80)[0], factor=res.factor)
+        with pytest.raises(ValueError, match="damping"):
+            S.self_influence(problem, solver=solvers.Direct(damping=0.1), factor=res.factor)
+        with pytest.raises(ValueError, match="Direct"):
+            S.self_influence(problem, solver=solvers.CG())
+
+
+def test_truncated_arnoldi_and_warm_started_cg_in_influence_scores():
+    with x64():
+        head, batch = _softmax_setup(seed=12, n=300, d=6)
+        problem = ll.make_problem(head, batch, l2=1e-3)
+        vb = {"x": batch["x"][:50], "y": batch["y"][:50]}
+        m = {"u": (M.utility(ll.head_apply), vb)}
+        kw = {"on_nonstationary": "ignore"}
+        trunc = solvers.Arnoldi(rank=2, num_iters=4, key=jax.random.key(0))
+        with pytest.raises(solvers.NonConvergenceError, match="truncation"):
+            S.influence_scores(problem, m, solver=trunc, **kw)
+        with pytest.warns(solvers.SolverWarning, match="rank-2"):
+            r = S.influence_scores(problem, m, solver=dataclasses.replace(trunc, raise_on_fail=False), **kw)
+        assert not bool(r.solve.converged) and float(r.solve.residual.max()) > 1e-3
+        cold = S.influence_scores(problem, m, solver=solvers.CG(tol=1e-10), **kw)
+        warm = S.influence_scores(problem, m, solver=solvers.CG(tol=1e-10), x0=cold.directions, **kw)
+        assert int(warm.solve.iterations) < int(cold.solve.iterations)
+        np.testing.assert_allclose(warm.scores["u"], cold.scores["u"], rtol=1e-8)
+        with pytest.raises(ValueError, match="solver object"):
+            S.influence_scores(problem, m, solver="cg", **kw)
+
+
+def test_kronecker_preconditioner_is_the_dense_inverse_and_speeds_up_cg():
+    with x64():
+        head, batch = _softmax_setup(seed=13, n=400, d=5, k=4)
+        problem = ll.make_problem(head, batch, l2=1e-3)
+        X = np.concatenate([np.ones((400, 1)), np.asarray(batch["x"])], 1)
+        w = np.asarray(batch["weight"])
+        P = np.asarray(ll.probabilities(ll.head_to_matrix(head), jnp.asarray(X)))
+        A = (X * (w / w.sum())[:, None]).T @ X
+        B = sum(wi * (np.diag(pi) - np.outer(pi, pi)) for wi, pi in zip(w, P)) / w.sum()
+        Mk = np.kron(A, B) + (1e-3 + 0.1) * np.eye(A.shape[0] * B.shape[0])  # flat order (j, k)
+        R = np.random.default_rng(0).normal(size=(Mk.shape[0], 3))
+        got = problem.preconditioner(problem.data, 0.1)(jnp.asarray(R))
+        np.testing.assert_allclose(got, np.linalg.solve(Mk, R), rtol=1e-8)
+        vb = {"x": batch["x"][:60], "y": batch["y"][:60]}
+        meas = {"u": (M.utility(ll.head_apply), vb)}
+        kw = {"on_nonstationary": "ignore"}
+        direct = S.influence_scores(problem, meas, **kw)
+        plain = S.influence_scores(problem, meas, solver=solvers.CG(tol=1e-10, precondition=False), **kw)
+        pre = S.influence_scores(problem, meas, solver=solvers.CG(tol=1e-10), **kw)
+        assert int(pre.solve.iterations) < int(plain.solve.iterations)
+        for r in (plain, pre):
+            np.testing.assert_allclose(r.scores["u"], direct.scores["u"], rtol=1e-7, atol=1e-12)

@@ -79,6 +79,29 @@ def test_multigroup_and_multiclass():
     assert M.worst_group_accuracy(p3, y3, s2) == pytest.approx(worst)
 
 
+def test_fairness_weights_are_sample_weights_like_fairlearn():
+    fl = pytest.importorskip("fairlearn.metrics")
+    rng = np.random.default_rng(0)
+    n = 400
+    y, pred, s = rng.integers(0, 2, n), rng.integers(0, 2, n), rng.integers(0, 2, n)
+    w = rng.uniform(0.1, 3.0, n)
+    w[:20] = 0.0  # padding rows still drop out
+    dp = M.demographic_parity(pred, s, weight=w, absolute=True)
+    assert dp == pytest.approx(fl.demographic_parity_difference(y, pred, sensitive_features=s,
+                                                                sample_weight=w), rel=1e-12)
+    frame = fl.MetricFrame(metrics=fl.true_positive_rate, y_true=y, y_pred=pred, sensitive_features=s,
+                           sample_params={"sample_weight": w})
+    assert M.equal_opportunity(pred, y, s, weight=w, absolute=True) == pytest.approx(frame.difference(), rel=1e-12)
+    # signed: s = 1 minus s = 0 of the weighted rates; integer weights = repeated rows
+    reps = rng.integers(0, 4, n)
+    assert M.demographic_parity(pred, s, weight=reps) == pytest.approx(
+        M.demographic_parity(np.repeat(pred, reps), np.repeat(s, reps)), rel=1e-12)
+    assert M.equalized_odds(pred, y, s, weight=reps) == pytest.approx(
+        M.equalized_odds(np.repeat(pred, reps), np.repeat(y, reps), np.repeat(s, reps)), rel=1e-12)
+    with pytest.raises(ValueError, match=">= 0"):
+        M.demographic_parity(pred, s, weight=-w)
+
+
 def test_fairness_errors():
     with pytest.raises(ValueError, match="group labels"):
         M.demographic_parity(PRED, None)

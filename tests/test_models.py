@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from jaxunlearn import methods, models
+from jaxunlearn import methods, models, subsets
 from jaxunlearn.models import partition as P
 
 B, K, W = 4, 10, 4  # batch, classes, ResNet width
@@ -315,20 +315,20 @@ def test_partition_params_gradient_matches_full_gradient():
         logits, _ = model.apply({"params": p}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    subset, rebuild = P.partition_params(params, mask)
+    subset, rebuild = subsets.partition_params(params, mask)
     assert all(a is b for a, b in zip(jax.tree.leaves(rebuild(subset)), jax.tree.leaves(params)))
-    g_sub, g_full = jax.jit(lambda s, p: (jax.grad(lambda s: loss(P.combine(s, p, mask)))(s),
+    g_sub, g_full = jax.jit(lambda s, p: (jax.grad(lambda s: loss(subsets.combine(s, p, mask)))(s),
                                           jax.grad(loss)(p)))(subset, params)
-    expected = P.select(g_full, mask)
+    expected = subsets.select(g_full, mask)
     assert jax.tree.structure(g_sub) == jax.tree.structure(expected)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), g_sub, expected)
     assert g_sub["dense_0"] == {"bias": None, "kernel": None}
     flat, _ = ravel_pytree(g_sub)
     assert flat.size == _count(params, mask) == 4 * 5 + 4 + 3 * 4 + 3
     with pytest.raises(ValueError, match="structure"):
-        P.select(params, {"head": True})
+        subsets.select(params, {"head": True})
     with pytest.raises(ValueError, match="Python bools"):
-        P.select(params, jax.tree.map(lambda _: jnp.array(True), mask))
+        subsets.select(params, jax.tree.map(lambda _: jnp.array(True), mask))
 
 
 def test_reinit_masked_takes_fresh_leaves_only_where_masked():
@@ -342,11 +342,10 @@ def test_reinit_masked_takes_fresh_leaves_only_where_masked():
         P.reinit_masked(params, jax.tree.map(lambda p: p[..., :1], params), mask)
 
 
-def test_train_subset_leaves_frozen_params_bit_identical():
+def test_training_a_subset_leaves_frozen_params_bit_identical():
     model, x, y, params = _mlp_setup()
     mask = P.last_k_mask(params, 1)
-    tx = P.train_subset(optax.adam(0.1), mask)
-    trainer = methods.train(model.apply, tx, l2=0.1)
+    trainer = methods.train(model.apply, optax.adam(0.1), l2=0.1, trainable=mask)
     step = jax.jit(trainer.update)
     variables = {"params": params}
     state = trainer.init(variables)
@@ -361,6 +360,21 @@ def test_train_subset_leaves_frozen_params_bit_identical():
             assert new.tobytes() == old.tobytes()
     # Adam moments (and a step count) are kept for the trainable leaves only.
     assert _count(state.opt_state) == 2 * _count(params, mask) + 1
+
+
+def test_mask_of_selects_by_prefix_predicate_or_mask():
+    params = _mlp_setup()[3]
+    by_name = subsets.mask_of(params, "head")
+    assert by_name == P.last_k_mask(params, 1)
+    assert subsets.mask_of(params, ["dense_1", "head"]) == P.last_k_mask(params, 2)
+    assert subsets.mask_of(params, lambda path, leaf: path.endswith("bias"))["head"] == \
+        {"bias": True, "kernel": False}
+    assert subsets.mask_of(params, by_name) is by_name
+    assert all(jax.tree.leaves(subsets.mask_of(params, None)))
+    with pytest.raises(ValueError, match="selects no parameter"):
+        subsets.mask_of(params, "decoder")
+    with pytest.raises(ValueError, match="structure"):
+        subsets.mask_of(params, {"head": True})
 
 
 # ---------------------------------------------------------------------------------------------

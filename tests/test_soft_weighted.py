@@ -68,7 +68,7 @@ def test_smoke_run_writes_report(tmp_path):
 
 def _tiny(preset, **kw):
     """A preset cut down to seconds: one seed, one epoch, two algorithms, a tiny backbone."""
-    return dataclasses.replace(sw.PRESETS[preset], seeds=1, nn_epochs=1, unlearn_epochs=1,
+    return dataclasses.replace(sw.preset(preset), seeds=1, nn_epochs=1, unlearn_epochs=1,
                                batch_size=16, algorithms=("GA_FT", "IF", "Fisher"),
                                hard_fractions=(0.05, 0.1), **kw)
 

@@ -250,3 +250,23 @@ def test_sweep_hard_fraction_stops_at_best():
         W.sweep_hard_fraction(evaluate, scores, [0.2, 0.1])
     with pytest.raises(ValueError, match="returned nan"):
         W.sweep_hard_fraction(lambda e: float("nan"), scores, [0.1])
+
+
+def test_soft_weights_score_scale_is_explicit():
+    # scores on influence_scores' default scale ("change": 1/n included) vs seed 004's I(z; -1) = n x
+    rng = np.random.default_rng(11)
+    n = 50
+    f, u = rng.normal(size=n) / n, rng.normal(size=n) / n
+    for variant, lam in (("min_norm", None), ("qp", 0.5)):
+        eps, info = W.soft_weights(f, u, delta=0.05, lam=lam, variant=variant)
+        eps4, info4 = W.soft_weights(n * f, n * u, delta=0.05, lam=lam, variant=variant, scale="seed004")
+        np.testing.assert_allclose(eps4, eps, rtol=1e-5)
+        assert int(info4["case"]) == int(info["case"])
+    # the predicted change -eps . f is in the metric's units: exactly -delta for min_norm
+    eps, info = W.soft_weights(f, u, delta=0.05, variant="min_norm")
+    assert float(-np.dot(eps, f)) == pytest.approx(-0.05, rel=1e-5)
+    # seed-004 scores passed as "change" give eps n times too small: the factor n matters
+    wrong, _ = W.soft_weights(n * f, n * u, delta=0.05, variant="min_norm")
+    np.testing.assert_allclose(np.asarray(wrong) * n, eps, rtol=1e-5)
+    with pytest.raises(ValueError, match="scale must be 'change'"):
+        W.soft_weights(f, u, delta=0.05, variant="min_norm", scale="n")

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jaxunlearn import losses
+from jaxunlearn import losses, subsets
 
 __all__ = [
     "NonFiniteError",
@@ -55,48 +55,30 @@ def flatten_params(params) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
     return ravel_pytree(params)
 
 
-def _path_name(path) -> str:
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-        else:
-            parts.append(str(entry))
-    return "/".join(parts)
-
-
-def partition(params, select: str | Sequence[str] | Callable[[str, Any], bool]):
+def partition(params, select):
     """Split a pytree into ``(selected, rest)``; each holds ``None`` where the other has a leaf.
 
     Args:
       params: a pytree (e.g. Flax ``{"dense_0": {...}, "head": {...}}``).
-      select: a path prefix such as ``"head"`` (paths join keys with ``/``: ``"head/kernel"``), a
-        sequence of prefixes (e.g. the last k blocks), or ``select(path, leaf) -> bool``.
+      select: anything :func:`jaxunlearn.subsets.mask_of` takes: a bool mask pytree with
+        ``params``' structure (Python bools, e.g. :func:`jaxunlearn.models.last_k_mask`), a path
+        prefix such as ``"head"`` (paths join keys with ``/``: ``"head/kernel"``), a sequence of
+        prefixes, or ``select(path, leaf) -> bool``.
 
     Returns:
       ``(selected, rest)``; ``combine(selected, rest)`` rebuilds ``params``.
 
     Raises:
-      ValueError: if nothing is selected.
+      ValueError: if nothing is selected, or a mask with per-element (array) leaves.
     """
-    if callable(select):
-        pred = select
-    else:
-        prefixes = (select,) if isinstance(select, str) else tuple(select)
-
-        def pred(path, _):
-            return any(path == q or path.startswith(q.rstrip("/") + "/") for q in prefixes)
-
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    mask = [bool(pred(_path_name(path), leaf)) for path, leaf in leaves]
-    if not any(mask):
-        names = [_path_name(path) for path, _ in leaves]
-        raise ValueError(f"partition: {select!r} selects no parameter; paths are {names}")
-    sel = [leaf if m else None for (_, leaf), m in zip(leaves, mask)]
-    rest = [None if m else leaf for (_, leaf), m in zip(leaves, mask)]
-    return jax.tree_util.tree_unflatten(treedef, sel), jax.tree_util.tree_unflatten(treedef, rest)
+    mask = subsets.mask_of(params, select)
+    if not all(isinstance(m, (bool, np.bool_)) for m in jax.tree.leaves(mask)):
+        raise ValueError("select as a mask must be a pytree of Python bools (whole leaves); "
+                         "influence does not take per-element masks")
+    if not any(jax.tree.leaves(mask)):
+        raise ValueError(f"partition: {select!r} selects no parameter")
+    rest = jax.tree.map(lambda m: not m, mask)
+    return subsets.select(params, mask), subsets.select(params, rest)
 
 
 def combine(*trees):
@@ -128,7 +110,7 @@ def _split_batch(batch):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(batch)
     for path, leaf in leaves:
         if jnp.ndim(leaf) >= 1 and jnp.shape(leaf)[0] != b:
-            raise ValueError(f"batch leaf {_path_name(path)!r} has leading size {jnp.shape(leaf)[0]}, "
+            raise ValueError(f"batch leaf {subsets.path_name(path)!r} has leading size {jnp.shape(leaf)[0]}, "
                              f"expected the batch size {b}")
     is_mapped = [jnp.ndim(leaf) >= 1 for _, leaf in leaves]
     mapped = [leaf for (_, leaf), m in zip(leaves, is_mapped) if m]
@@ -249,7 +231,7 @@ def check_finite(tree, what: str):
             continue
         n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         if n_bad:
-            name = _path_name(path) or "<root>"
+            name = subsets.path_name(path) or "<root>"
             bad.append(f"{name}: {n_bad} of {arr.size} entries (nan: {int(np.isnan(arr).sum())})")
     if bad:
         raise NonFiniteError(f"{what} contain non-finite values: " + "; ".join(bad)
@@ -267,7 +249,7 @@ def check_like(v, params, what: str = "v"):
     v_leaves, v_def = jax.tree_util.tree_flatten(v)
     if p_def != v_def:
         raise ValueError(f"{what} has tree structure {v_def}, but the parameters have {p_def}")
-    paths = [_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    paths = [subsets.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     for name, pl, vl in zip(paths, p_leaves, v_leaves):
         if jnp.shape(pl) != jnp.shape(vl):
             raise ValueError(f"{what} leaf {name!r} has shape {jnp.shape(vl)}, but the parameter has "

@@ -4,10 +4,12 @@ Seed 004 (footnote 1, §5) and Chhabra et al. compute influence on the network's
 refit as L2-regularised logistic regression on the frozen penultimate features (sklearn, no
 intercept). This module is that fast path, with every quantity in closed form:
 
-* the model: logits ``z = x~ W`` for the *design* ``x~ = [x, 1]`` (or ``x`` without intercept) and
-  ``W`` [d~, K'], where ``K' = 1`` is a single binary logit (``p = sigmoid(z)``, the
+* the model: logits ``z = x~ W`` for the *design* ``x~ = [1, x]`` (or ``x`` without intercept) and
+  ``W = [bias; kernel]`` [d~, K'], where ``K' = 1`` is a single binary logit (``p = sigmoid(z)``, the
   :mod:`jaxunlearn.losses` convention) and ``K' = K >= 2`` a softmax head;
-* flat parameters ``theta = W.reshape(-1)`` (row-major: index ``j * K' + k``), so the per-sample
+* flat parameters ``theta = W.reshape(-1)`` (row-major: index ``j * K' + k``): the bias first,
+  then the kernel row by row, which is ``ravel_pytree({"bias", "kernel"})``, the order of the
+  autodiff :func:`jaxunlearn.influence.scores.make_problem` on the same head, so the per-sample
   gradient is a Kronecker product, ``g_i = x~_i ⊗ r_i`` with residual ``r_i = p_i - onehot(y_i)``
   (binary: ``(p_i - y_i) x~_i``);
 * the objective ``L(W) = (1/n) sum_i w_i CE(x~_i W, y_i) + (1/2) sum_j l2_j ||W_j||^2`` (``l2``
@@ -59,6 +61,7 @@ __all__ = [
     "hvp",
     "per_sample_grads",
     "grads_dot",
+    "grads_tdot",
     "self_influence",
     "fit",
     "refit_head",
@@ -70,12 +73,12 @@ __all__ = [
 
 
 def design(features: jax.Array, *, fit_intercept: bool) -> jax.Array:
-    """The design matrix ``x~`` [n, d~]: the features, with a column of ones appended if intercept."""
+    """The design matrix ``x~`` [n, d~]: the features, after a leading column of ones if intercept."""
     if features.ndim != 2:
         raise ValueError(f"features must have shape [n, d], got {features.shape}")
     if not fit_intercept:
         return features
-    return jnp.concatenate([features, jnp.ones((features.shape[0], 1), features.dtype)], axis=1)
+    return jnp.concatenate([jnp.ones((features.shape[0], 1), features.dtype), features], axis=1)
 
 
 def l2_vector(num_features: int, l2: float, *, fit_intercept: bool, penalize_intercept: bool = True,
@@ -88,7 +91,7 @@ def l2_vector(num_features: int, l2: float, *, fit_intercept: bool, penalize_int
     rows = num_features + int(fit_intercept)
     v = jnp.full((rows,), l2, dtype)
     if fit_intercept and not penalize_intercept:
-        v = v.at[-1].set(0.0)
+        v = v.at[0].set(0.0)
     return v
 
 
@@ -100,19 +103,19 @@ def l2_from_sklearn(C: float, n: int) -> float:
 
 
 def head_to_matrix(head: dict) -> jax.Array:
-    """``{"kernel": [d, K'], "bias": [K'] (optional)} -> W`` [d~, K'] (bias as the last row)."""
+    """``{"kernel": [d, K'], "bias": [K'] (optional)} -> W`` [d~, K'] (bias as the first row)."""
     kernel = head["kernel"]
     if kernel.ndim != 2:
         raise ValueError(f"head kernel must be [d, K'], got {kernel.shape}")
     if "bias" not in head or head["bias"] is None:
         return kernel
-    return jnp.concatenate([kernel, jnp.reshape(head["bias"], (1, -1)).astype(kernel.dtype)], axis=0)
+    return jnp.concatenate([jnp.reshape(head["bias"], (1, -1)).astype(kernel.dtype), kernel], axis=0)
 
 
 def matrix_to_head(W: jax.Array, *, fit_intercept: bool) -> dict:
     """Inverse of :func:`head_to_matrix` (flax ``Dense`` layout)."""
     if fit_intercept:
-        return {"kernel": W[:-1], "bias": W[-1]}
+        return {"kernel": W[1:], "bias": W[0]}
     return {"kernel": W}
 
 
@@ -255,6 +258,19 @@ def grads_dot(W, X, y, V) -> jax.Array:
         return jnp.sum((X @ V.reshape(d, k)) * R, axis=-1)
     T = jnp.einsum("nj,jkq->nkq", X, V.reshape(d, k, -1))
     return jnp.einsum("nkq,nk->nq", T, R)
+
+
+def grads_tdot(W, X, y, U) -> jax.Array:
+    """``G^T U`` [p, q] for U [n, q] (or [n] -> [p]) without forming G: ``X^T (R ⊙ U)`` per column.
+
+    With ``U = eps`` this is ``sum_i eps_i g_i``, the right-hand side of the influence update.
+    """
+    d, k = W.shape
+    R = residuals(W, X, y)
+    if U.ndim == 1:
+        return (X.T @ (R * U[:, None].astype(R.dtype))).reshape(-1)
+    T = (R[:, :, None] * U[:, None, :].astype(R.dtype)).reshape(X.shape[0], -1)  # [n, k q]
+    return (X.T @ T).reshape(d * k, U.shape[1])
 
 
 def self_influence(W, X, y, weight=None, *, l2, num_samples=None, chunk_size: int = 2048,
@@ -487,6 +503,11 @@ def _grads_dot(data, V):
     return out * (mask if out.ndim == 1 else mask[:, None])
 
 
+def _grads_tdot(data, U):
+    mask = (data["weight"] != 0).astype(data["X"].dtype)
+    return grads_tdot(data["W"], data["X"], data["y"], U * (mask if U.ndim == 1 else mask[:, None]))
+
+
 def _grads_rows(data, index):
     return per_sample_grads(data["W"], data["X"][index], data["y"][index])
 
@@ -499,22 +520,29 @@ def _head_from_flat(data, flat):
     return matrix_to_head(flat.reshape(data["W"].shape), fit_intercept=False)
 
 
-def make_problem(head: dict, features, y, *, l2, weight=None, num_samples=None,
+def make_problem(head: dict, batch: dict, *, l2, num_samples=None,
                  penalize_intercept: bool = True) -> "_scores.Problem":
     """The closed-form influence :class:`~jaxunlearn.influence.scores.Problem` of a linear head.
 
+    The same shape as the autodiff :func:`jaxunlearn.influence.scores.make_problem`
+    ``(loss_fn, params, batch, *, l2, ...)``: parameters, then the training batch, then ``l2``;
+    the flat parameter order is the same too (``ravel_pytree`` of the head: bias, then kernel).
     Use it with :func:`~jaxunlearn.influence.scores.influence_scores` and measurements built on
     :func:`head_apply` (their ``params`` are the head dict, their batches hold features in ``"x"``).
 
     Args:
       head: ``{"kernel": [d, K'], "bias": [K'] (optional)}`` at (near) the optimum, e.g. from
         :func:`refit_head`; a ``bias`` entry means the design has an intercept column.
-      features: [n, d] training features; y: [n] labels.
+      batch: the training set ``{"x": [n, d] features, "y": [n] labels, "weight": [n]
+        (optional; 0 = padding/excluded, scored 0)}``; other keys are ignored.
       l2: the objective's L2 coefficient (scalar; see :func:`l2_vector` for the intercept).
-      weight: optional [n] weights (0 = padding/excluded, scored 0).
       num_samples: normaliser n (default: number of non-zero weights).
       penalize_intercept: whether ``l2`` covers the bias.
     """
+    if not isinstance(batch, dict) or "x" not in batch or "y" not in batch:
+        raise ValueError("batch must be a dict with 'x' (features [n, d]) and 'y' (labels [n]), got "
+                         f"{type(batch).__name__}" + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else ""))
+    features, y, weight = batch["x"], batch["y"], batch.get("weight")
     fit_intercept = "bias" in head and head["bias"] is not None
     W = head_to_matrix(head)
     X = design(jnp.asarray(features, W.dtype), fit_intercept=fit_intercept)
@@ -535,10 +563,41 @@ def make_problem(head: dict, features, y, *, l2, weight=None, num_samples=None,
         hvp=_hvp,
         hessian=_hess,
         grads_dot=_grads_dot,
+        grads_tdot=_grads_tdot,
         grads_rows=_grads_rows,
         params_from_flat=_head_from_flat_intercept if fit_intercept else _head_from_flat,
         self_influence=_self_influence_exact,
+        preconditioner=_kronecker_preconditioner,
     )
+
+
+def _kronecker_preconditioner(data, damping):
+    """``R [p, q] -> M^{-1} R`` for ``M = A ⊗ B + (mean(l2) + damping) I`` ~ H + damping I.
+
+    ``A = X^T diag(w) X / n`` [d~, d~] and ``B`` the weighted mean of ``S_i`` [K', K'] (K-FAC's
+    expectation-of-a-product-as-product-of-expectations, exact when ``S_i`` is constant): with
+    ``A = Qa diag(a) Qa^T``, ``B = Qb diag(b) Qb^T``, ``M^{-1} = (Qa ⊗ Qb) diag(1 / (a b^T + c))
+    (Qa ⊗ Qb)^T`` in the flat order ``W.reshape(-1)``. Set-up: one d~ x d~ Gram GEMM and two eigh.
+    """
+    X, w, P = data["X"], data["weight"], data["P"]
+    d, k = data["W"].shape
+    A = (X * (w / data["n"])[:, None]).T @ X
+    wn = w / jnp.maximum(jnp.sum(w), jnp.finfo(X.dtype).tiny)
+    if k == 1:
+        B = jnp.sum(wn * P[:, 0] * (1 - P[:, 0])).reshape(1, 1)
+    else:
+        B = jnp.diag(wn @ P) - (P * wn[:, None]).T @ P
+    a, Qa = jnp.linalg.eigh(A)
+    b, Qb = jnp.linalg.eigh(0.5 * (B + B.T))
+    denom = jnp.maximum(a, 0)[:, None] * jnp.maximum(b, 0)[None, :] + jnp.mean(data["l2"]) + damping
+    denom = jnp.maximum(denom, 1e-6 * jnp.max(denom))
+
+    def apply(R):
+        Rm = R.reshape(d, k, -1)
+        Z = jnp.einsum("ja,jkq,kb->abq", Qa, Rm, Qb) / denom[:, :, None]
+        return jnp.einsum("ja,abq,kb->jkq", Qa, Z, Qb).reshape(R.shape)
+
+    return apply
 
 
 def _self_influence_exact(data, cholesky, chunk_size):

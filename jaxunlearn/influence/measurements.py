@@ -12,18 +12,24 @@ seed 004 §3 and Chhabra et al. (2024):
   probability of the positive class (eq. (4));
 * :func:`equal_opportunity` -- the EOP surrogate, the gap between groups of the mean loss on the
   samples with ``y = 1`` (eq. (4));
-* :func:`robustness` -- the loss on adversarial validation points (eq. (5)); the adversarial batch
+* robustness (eq. (5)) -- :func:`utility` on adversarial validation points: the adversarial batch
   is computed *once* against the trained model (:func:`linear_adversarial_batch` for linear heads,
-  :func:`attack_batch` with FGSM/PGD for networks) and then held fixed as data;
+  :func:`attack_batch` with FGSM/PGD for networks) and then held fixed as data, so the measurement
+  is a smooth function of the parameters. (There is no separate ``robustness`` factory: it would
+  be ``utility`` under another name; the batch is what makes it a robustness measurement.)
 * :func:`custom` -- any differentiable user function.
 
-Group generalisation (more than two groups). ``aggregate`` reduces the per-group values ``v_g``:
+``aggregate`` reduces the per-group values ``v_g``:
 
-* ``"range"`` (default): ``max_g v_g - min_g v_g``; for two groups ``|v_1 - v_0|``, the paper's
+* ``"signed"`` (the default; two groups only): the reference code's orientation, DP ``v_1 - v_0``
+  (``s = 1`` minus ``s = 0``) and EOP ``v_0 - v_1``. A smooth function whose scores keep their
+  sign whichever group is ahead. To reduce the *size* of a gap with signed scores, use
+  ``sign(value) * scores``.
+* ``"range"``: ``max_g v_g - min_g v_g``; for two groups ``|v_1 - v_0|``, the paper's
   ``f_DP = |E[ŷ|g=0] - E[ŷ|g=1]|``. Differentiable wherever the extreme groups are unique
-  (almost everywhere); its gradient is that of the current extreme pair.
-* ``"signed"`` (two groups only): the reference code's orientation, DP ``v_1 - v_0`` (``s = 1``
-  minus ``s = 0``) and EOP ``v_0 - v_1``. Equals ``"range"`` when the gap is positive (Adult).
+  (almost everywhere); its gradient is that of the current extreme pair, so its scores are the
+  signed scores times ``sign(gap)``: they flip when the gap changes sign. Required for more than
+  two groups (or ``"mad"``).
 * ``"mad"``: the mean absolute deviation ``mean_g |v_g - v̄|`` from the pooled value v̄ over all
   samples; smooth except where a group sits exactly on v̄.
 
@@ -55,7 +61,6 @@ from jaxunlearn import attacks, losses
 __all__ = [
     "AGGREGATES",
     "utility",
-    "robustness",
     "demographic_parity",
     "equal_opportunity",
     "custom",
@@ -150,24 +155,14 @@ def utility(apply_fn, *, loss_fn=losses.cross_entropy, reduction: str = "mean",
     return _loss_measure(apply_fn, loss_fn, reduction, model_state, "utility")
 
 
-@_memoized
-def robustness(apply_fn, *, loss_fn=losses.cross_entropy, reduction: str = "mean",
-               model_state: dict | None = None) -> Callable:
-    """The loss on adversarial points (seed 004 eq. (5)); call it on a fixed adversarial batch.
-
-    Identical to :func:`utility`; the batch it is evaluated on is what makes it a robustness
-    measurement: build it once with :func:`linear_adversarial_batch` or :func:`attack_batch`.
-    """
-    return _loss_measure(apply_fn, loss_fn, reduction, model_state, "robustness")
-
-
 def _check_aggregate(aggregate, num_groups):
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
     if num_groups < 2:
         raise ValueError(f"a fairness measurement needs num_groups >= 2, got {num_groups}")
     if aggregate == "signed" and num_groups != 2:
-        raise ValueError(f"aggregate='signed' needs exactly two groups, got num_groups={num_groups}")
+        raise ValueError(f"aggregate='signed' (the default) needs exactly two groups, got "
+                         f"num_groups={num_groups}; pass aggregate='range' or 'mad' for more groups")
 
 
 def _resolve_classes(classes, num_logits):
@@ -241,19 +236,19 @@ def _aggregate(v, pooled, aggregate, orientation):
 
 
 @_memoized
-def demographic_parity(apply_fn, *, num_groups: int = 2, aggregate: str = "range",
+def demographic_parity(apply_fn, *, num_groups: int = 2, aggregate: str = "signed",
                        classes: Sequence[int] | None = None, group_key: str = "group",
                        model_state: dict | None = None) -> Callable:
     """DP surrogate: group gap of the mean soft probability ``p(y = c | x)`` (seed 004 eq. (4)).
 
-    Two groups, ``aggregate="signed"``: ``mean_{s=1} p - mean_{s=0} p``, the reference's
-    ``loss_dp``; the default ``"range"`` is its absolute value (module docstring for G > 2 and
+    Two groups, ``aggregate="signed"`` (the default): ``mean_{s=1} p - mean_{s=0} p``, the
+    reference's ``loss_dp``; ``"range"`` is its absolute value (module docstring for G > 2 and
     multi-class).
 
     Args:
       apply_fn: the model's apply.
       num_groups: number of values of the sensitive attribute (static).
-      aggregate: ``"range"``, ``"signed"`` or ``"mad"``.
+      aggregate: ``"signed"`` (default, two groups), ``"range"`` or ``"mad"``.
       classes: positive classes (default: 1 for binary, all for K > 2).
       group_key: batch key of the sensitive attribute.
       model_state: non-parameter collections, if any.
@@ -285,12 +280,12 @@ def demographic_parity(apply_fn, *, num_groups: int = 2, aggregate: str = "range
 
 @_memoized
 def equal_opportunity(apply_fn, *, loss_fn=losses.cross_entropy, num_groups: int = 2,
-                      aggregate: str = "range", classes: Sequence[int] | None = None,
+                      aggregate: str = "signed", classes: Sequence[int] | None = None,
                       group_key: str = "group", model_state: dict | None = None) -> Callable:
     """EOP surrogate: group gap of the mean loss on samples with ``y = c`` (seed 004 eq. (4)).
 
-    Two groups, ``aggregate="signed"``: ``mean_{s=0,y=1} ell - mean_{s=1,y=1} ell``, the reference's
-    ``loss_ferm``; the default ``"range"`` is its absolute value. Arguments as
+    Two groups, ``aggregate="signed"`` (the default): ``mean_{s=0,y=1} ell - mean_{s=1,y=1} ell``,
+    the reference's ``loss_ferm``; ``"range"`` is its absolute value. Arguments as
     :func:`demographic_parity`, plus ``loss_fn`` (per-example loss).
     """
     _check_aggregate(aggregate, num_groups)

@@ -20,12 +20,13 @@ utility and robustness measurements as *sums* over the validation set:
 
     I_util(z_i; -1)   = n * score_i[utility(reduction="sum")]
     I_fair(z_i; -1)   = n * score_i[demographic_parity / equal_opportunity]
-    I_robust(z_i; -1) = n * score_i[robustness(reduction="sum")]
+    I_robust(z_i; -1) = n * score_i[utility(reduction="sum") on the adversarial batch]
 
 which :func:`influence_scores` returns with ``scale="seed004"``.
 
 How: one inverse-HVP solve per *measurement* (``H x_m = ∇m``, all measurements as the columns of
-one solve, by any solver of :mod:`jaxunlearn.influence.solvers`), then ``scores = G x / n`` with G
+one solve, by any solver object of :mod:`jaxunlearn.influence.solvers`: ``Direct()``,
+``CG(tol=...)``, ``LiSSA(...)``, ``Arnoldi(...)``), then ``scores = G x / n`` with G
 the per-sample training gradients -- never a solve per training sample. A :class:`Problem` holds
 what this needs as pure functions of a pytree of arrays (passed to jit as arguments, never closed
 over): :func:`make_problem` builds it by autodiff for any model and parameter subset,
@@ -47,6 +48,7 @@ from jaxunlearn import losses
 from jaxunlearn.influence import grads as _grads
 from jaxunlearn.influence import hvp as _hvp
 from jaxunlearn.influence import solvers as _solvers
+from jaxunlearn.influence.solvers import DenseFactor, Direct, LinearOperator, Solver
 
 __all__ = [
     "Problem",
@@ -60,6 +62,7 @@ __all__ = [
     "measurement_gradients",
     "influence_scores",
     "self_influence",
+    "HESSIAN_CHUNK",
 ]
 
 SCALES = ("change", "seed004")
@@ -88,9 +91,13 @@ class Problem(NamedTuple):
       hvp: ``(data, V [p] or [p, q]) -> H V``.
       hessian: ``data -> H [p, p]``.
       grads_dot: ``(data, V [p, q]) -> G V [n, q]`` (0 on padding rows).
+      grads_tdot: ``(data, U [n] or [n, q]) -> G^T U [p] or [p, q]`` (padding rows count 0),
+        e.g. ``sum_i eps_i ∇ell_i`` for the influence update.
       grads_rows: ``(data, index [c]) -> G[index] [c, p]``.
       params_from_flat: ``(data, flat [p]) -> params`` as the measurements take them.
       self_influence: optional specialised ``(data, cholesky, chunk_size) -> [n]``.
+      preconditioner: optional ``(data, damping) -> (R [p, q] -> M^{-1} R)``, M ~ H + damping I
+        (used by :class:`~jaxunlearn.influence.solvers.CG`).
     """
 
     data: Any
@@ -101,9 +108,11 @@ class Problem(NamedTuple):
     hvp: Callable
     hessian: Callable
     grads_dot: Callable
+    grads_tdot: Callable
     grads_rows: Callable
     params_from_flat: Callable
     self_influence: Callable | None = None
+    preconditioner: Callable | None = None
 
 
 class InfluenceResult(NamedTuple):
@@ -119,6 +128,9 @@ class InfluenceResult(NamedTuple):
       solve: the :class:`~jaxunlearn.influence.solvers.SolveResult` (residual per measurement).
       self_influence: [n] exact self-influence (:func:`self_influence`) when requested with
         ``with_self_influence=True`` (sharing the Hessian with the solve), else None.
+      factor: the :class:`~jaxunlearn.influence.solvers.DenseFactor` (H and its Cholesky factor)
+        when one was formed (direct solve or self-influence), else None; pass it to
+        :func:`self_influence`, :func:`influence_scores` or the influence update to reuse it.
     """
 
     scores: dict
@@ -128,6 +140,7 @@ class InfluenceResult(NamedTuple):
     grad_norm: float
     solve: Any
     self_influence: Any = None
+    factor: Any = None
 
 
 # ----------------------------------------------------------------------------- generic problem
@@ -166,6 +179,7 @@ class _Fns(NamedTuple):
     hvp: Callable
     hessian: Callable
     grads_dot: Callable
+    grads_tdot: Callable
     grads_rows: Callable
     params_from_flat: Callable
 
@@ -208,6 +222,25 @@ def _generic_fns(loss_fn, l2, chunk_size, hvp_mode, hessian_chunk_size) -> _Fns:
         out = out * (_batch_weight(b, n, out.dtype) != 0)[:, None]
         return out[:, 0] if V.ndim == 1 else out
 
+    def grads_tdot(data, U):
+        fz, b = data["frozen"], data["batch"]
+        f0, unravel = _grads.flatten_params(data["params"])
+        n = _grads.batch_size_of(b)
+        Um = (U[:, None] if U.ndim == 1 else U).astype(f0.dtype)
+        Um = Um * (_batch_weight(b, n, Um.dtype) != 0)[:, None]
+        index = _row_chunks(n, chunk_size)
+        nc, c = index.shape
+        Uc = jnp.concatenate([Um, jnp.zeros((nc * c - n, Um.shape[1]), Um.dtype)]).reshape(nc, c, -1)
+
+        def body(acc, args):  # sum_i u_i g_i by reverse mode over a chunk of rows
+            idx, u = args
+            sub = _take_rows(b, idx)
+            _, vjp = jax.vjp(lambda f: loss_fn(full(unravel(f), fz), sub), f0)
+            return acc + jax.vmap(lambda col: vjp(col.astype(f0.dtype))[0], in_axes=1, out_axes=1)(u), None
+
+        acc, _ = jax.lax.scan(body, jnp.zeros((f0.shape[0], Um.shape[1]), f0.dtype), (index, Uc))
+        return acc[:, 0] if U.ndim == 1 else acc
+
     def grads_rows(data, index):
         sub = _take_rows(data["batch"], index)
         return _grads.per_sample_grads_flat(loss_fn, data["params"], sub, frozen=data["frozen"],
@@ -216,13 +249,20 @@ def _generic_fns(loss_fn, l2, chunk_size, hvp_mode, hessian_chunk_size) -> _Fns:
     def params_from_flat(data, f):
         return full(_grads.flatten_params(data["params"])[1](f), data["frozen"])
 
-    return _Fns(gradient, hvp_fn, hessian, grads_dot, grads_rows, params_from_flat)
+    return _Fns(gradient, hvp_fn, hessian, grads_dot, grads_tdot, grads_rows, params_from_flat)
+
+
+HESSIAN_CHUNK = 256  # Hessian columns per chunk (2,560 columns at once: 11 GB, 151 s on workload A)
 
 
 def make_problem(loss_fn: Callable, params, batch: dict, *, l2: float = 0.0, select=None,
                  chunk_size: int | None = None, hvp_mode: str = _hvp.DEFAULT_MODE,
                  hessian_chunk_size: int | None = None) -> Problem:
     """The autodiff :class:`Problem` for any model and parameter subset.
+
+    Flat vectors follow :func:`~jaxunlearn.influence.grads.flatten_params` (``ravel_pytree``:
+    dict keys sorted), the same order as the closed-form
+    :func:`jaxunlearn.influence.last_layer.make_problem` (``{"bias", "kernel"}``: bias first).
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> [B]`` per-example, unweighted losses, examples treated
@@ -231,12 +271,17 @@ def make_problem(loss_fn: Callable, params, batch: dict, *, l2: float = 0.0, sel
       params: the full parameter pytree at θ̂.
       batch: the training set as one batch ``{"x", "y", "weight"?, ...}`` (weight 0 = padding).
       l2: the objective's L2 coefficient (on the differentiated parameters).
-      select: None (all parameters) or a subset as in :func:`jaxunlearn.influence.grads.partition`
-        (e.g. ``"head"``, a list of block prefixes, or a predicate); the rest is held fixed.
+      select: None (all parameters) or a subset as in :func:`jaxunlearn.influence.grads.partition`:
+        a bool mask pytree with ``params``' structure (Python bools, e.g.
+        :func:`jaxunlearn.models.partition.last_k_mask`), ``"head"``, a list of block prefixes, or
+        a predicate; the rest is held fixed.
       chunk_size: rows per chunk for per-sample gradients and ``G V`` (memory bound); None: all.
       hvp_mode: the HVP composition (:mod:`jaxunlearn.influence.hvp`).
-      hessian_chunk_size: columns per chunk when forming the dense Hessian.
+      hessian_chunk_size: columns per chunk when forming the dense Hessian; None: 256
+        (:data:`HESSIAN_CHUNK`). The Hessian is never formed with all p tangents at once.
     """
+    if hessian_chunk_size is not None and int(hessian_chunk_size) <= 0:
+        raise ValueError(f"hessian_chunk_size must be a positive int or None, got {hessian_chunk_size!r}")
     if select is None:
         sel, frozen = params, None
     else:
@@ -244,12 +289,12 @@ def make_problem(loss_fn: Callable, params, batch: dict, *, l2: float = 0.0, sel
     flat, _ = _grads.flatten_params(sel)
     n = _grads.batch_size_of(batch)
     w = np.asarray(_batch_weight(batch, n, flat.dtype))
-    fns = _generic_fns(loss_fn, float(l2), None if chunk_size is None else int(chunk_size), hvp_mode,
-                       hessian_chunk_size)
+    hc = int(min(HESSIAN_CHUNK if hessian_chunk_size is None else hessian_chunk_size, flat.shape[0]))
+    fns = _generic_fns(loss_fn, float(l2), None if chunk_size is None else int(chunk_size), hvp_mode, hc)
     return Problem(data={"params": sel, "frozen": frozen, "batch": batch}, flat=flat, num_train=n,
                    normalizer=float(max(np.count_nonzero(w), 1)), gradient=fns.gradient, hvp=fns.hvp,
-                   hessian=fns.hessian, grads_dot=fns.grads_dot, grads_rows=fns.grads_rows,
-                   params_from_flat=fns.params_from_flat)
+                   hessian=fns.hessian, grads_dot=fns.grads_dot, grads_tdot=fns.grads_tdot,
+                   grads_rows=fns.grads_rows, params_from_flat=fns.params_from_flat)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -347,12 +392,13 @@ def measurement_gradients(problem: Problem, measures: Mapping[str, Any]) -> tupl
     return {k: out[k] for k in measures}, {k: values[k] for k in measures}
 
 
-def _damped_cholesky(H, damping):
-    """The lower Cholesky factor of ``(H + H^T) / 2 + damping I`` (NaN if not positive definite)."""
-    return jnp.linalg.cholesky(0.5 * (H + H.T) + damping * jnp.eye(H.shape[0], dtype=H.dtype))
+def _operator(data, fns, pre=None) -> LinearOperator:
+    """H of the problem as a solver operator: its block HVP, dense Hessian and preconditioner."""
+    return LinearOperator(lambda V: fns.hvp(data, V), lambda: fns.hessian(data),
+                          None if pre is None else (lambda damping: pre(data, damping)))
 
 
-def _si_from_hessian(data, L, normalizer, *, fns, special, num_train, chunk_size):
+def _si_from_factor(data, L, normalizer, *, fns, special, num_train, chunk_size):
     """Self-influence [n] from the factor ``L`` of the damped Hessian (the closed form if any)."""
     if special is not None:
         return special(data, L, chunk_size)
@@ -363,12 +409,16 @@ def _si_from_hessian(data, L, normalizer, *, fns, special, num_train, chunk_size
         return jnp.sum(Z * Z, axis=0)
 
     out = jax.lax.map(body, _row_chunks(num_train, chunk_size)).reshape(-1)[:num_train]
-    w = _batch_weight(data["batch"], num_train, out.dtype)
+    w = _batch_weight(data["batch"], num_train, out.dtype) if "batch" in data else data["weight"]
     return out * (w != 0) / normalizer
 
 
-def _core(data, flat, batches, given, damping, key, normalizer, *, fns, measures, solver, kw, names,
-          order, special, num_train, si_chunk):
+def _needs_factor(solver: Solver, with_self_influence: bool) -> bool:
+    return with_self_influence or (isinstance(solver, Direct) and solver.method == "cholesky")
+
+
+def _core(data, flat, batches, given, solver, factor, x0, normalizer, *, fns, measures, names,
+          order, special, num_train, si_chunk, need_factor, pre):
     """Everything of :func:`influence_scores` in one compiled call (checks happen afterwards)."""
     gn = jnp.linalg.norm(fns.gradient(data))
     vals, grads = _measure_grads(data, flat, batches, params_from_flat=fns.params_from_flat,
@@ -376,39 +426,84 @@ def _core(data, flat, batches, given, damping, key, normalizer, *, fns, measures
     by_name = dict(zip(names, grads))
     by_name.update(given)
     B = jnp.stack([by_name[k] for k in order], axis=1)
-    kw = dict(kw)
-    H = fns.hessian(data) if (solver == "direct" or si_chunk is not None) else None
-    L = None if si_chunk is None else _damped_cholesky(H, damping)  # factored once, shared
-    if solver == "direct":
-        shared = L if kw.get("method", "cholesky") == "cholesky" else None
-        res = _solvers.solve_direct(H, B, damping=damping, factor=shared, **kw)
+    op = _operator(data, fns, pre)
+    if factor is None and need_factor:  # formed and factored once, shared by solve and self-influence
+        factor = Direct(damping=solver.damping).factorize(op, dtype=flat.dtype)
+    if isinstance(solver, Direct):
+        res = solver.solve(factor if solver.method == "cholesky" else op, B)
     else:
-        if solver == "arnoldi":
-            kw["key"] = key
-        res = _solvers.make_solver(solver, damping=damping, **kw)(lambda v: fns.hvp(data, v), B)
-    finite = jnp.asarray(True) if H is None else jnp.all(jnp.isfinite(H))
+        res = solver.solve(op, B, x0=x0)
+    finite = jnp.asarray(True) if factor is None else jnp.all(jnp.isfinite(factor.hessian))
     S = fns.grads_dot(data, res.x)
-    si = chol_ok = None
+    si = None
     if si_chunk is not None:
-        si = _si_from_hessian(data, L, normalizer, fns=fns, special=special, num_train=num_train,
-                              chunk_size=si_chunk)
-        chol_ok = jnp.all(jnp.isfinite(L))
-    return gn, vals, B, res, S, finite, si, chol_ok
+        si = _si_from_factor(data, factor.cholesky, normalizer, fns=fns, special=special,
+                             num_train=num_train, chunk_size=si_chunk)
+    return gn, vals, B, res, S, finite, si, factor
 
 
-_core_jit = jax.jit(_core, static_argnames=("fns", "measures", "solver", "kw", "names", "order",
-                                            "special", "num_train", "si_chunk"))
+_core_jit = jax.jit(_core, static_argnames=("fns", "measures", "names", "order", "special",
+                                            "num_train", "si_chunk", "need_factor", "pre"))
 
 
 def _fns_of(problem: Problem) -> _Fns:
-    return _Fns(problem.gradient, problem.hvp, problem.hessian, problem.grads_dot, problem.grads_rows,
-                problem.params_from_flat)
+    return _Fns(problem.gradient, problem.hvp, problem.hessian, problem.grads_dot, problem.grads_tdot,
+                problem.grads_rows, problem.params_from_flat)
 
 
-def influence_scores(problem: Problem, measures: Mapping[str, Any], *, solver: str = "direct",
-                     damping: float = 0.0, solver_kwargs: dict | None = None, scale: str = "change",
-                     stationarity_tol: float | None = 1e-3, on_nonstationary: str = "warn",
-                     with_self_influence: bool = False, chunk_size: int = 2048) -> InfluenceResult:
+def _check_solver(solver) -> None:
+    if not isinstance(solver, Solver):
+        raise ValueError(f"solver must be a solver object such as infl.Direct(), infl.CG(tol=1e-6), "
+                         f"infl.LiSSA(...) or infl.Arnoldi(rank=..., num_iters=..., key=...); got "
+                         f"{solver!r}")
+
+
+def _check_factor(factor, solver: Solver, p: int) -> None:
+    if factor is None:
+        return
+    if not isinstance(factor, DenseFactor):
+        raise ValueError(f"factor must be a DenseFactor (e.g. InfluenceResult.factor), got {type(factor).__name__}")
+    if factor.cholesky.shape != (p, p):
+        raise ValueError(f"factor is for {factor.cholesky.shape[0]} parameters, the problem has {p}")
+    if not np.isclose(float(factor.damping), solver.damping):
+        raise ValueError(f"factor includes damping {float(factor.damping):g} but the solver has "
+                         f"damping {solver.damping:g}; use one damping for both")
+
+
+def solve_failure(res, solver: Solver, what: str = "solve") -> Exception:
+    """The :class:`~jaxunlearn.influence.solvers.SolverError` describing a failed result."""
+    msg = (f"{type(solver).__name__} {what} failed: relative residual "
+           f"{float(jnp.nanmax(res.residual)):.3g} after {int(res.iterations)} iterations")
+    if isinstance(solver, Direct):
+        return _solvers.SingularHessianError(
+            f"H + {solver.damping:g} I is singular or not positive definite ({msg}); add damping or "
+            "check that theta is a minimum of the training objective")
+    if isinstance(solver, _solvers.Arnoldi):
+        return _solvers.NonConvergenceError(
+            f"{msg}, above tol {solver.tol:g}: the rank-{solver.rank} inverse is a truncation; raise "
+            "rank / num_iters, or pass raise_on_fail=False to accept the approximation")
+    return _solvers.NonConvergenceError(
+        msg + "; raise maxiter/depth, add damping or precondition. An early stop with a large "
+        "residual means H + damping I is not positive definite along some direction (CG met "
+        "non-positive curvature, LiSSA diverged): θ̂ is not a minimum, or the model is "
+        "non-convex there -- add damping or use the last-layer surrogate")
+
+
+def report_solve(res, solver: Solver, what: str = "solve", stacklevel: int = 3) -> None:
+    """Raise (``solver.raise_on_fail``) or warn when a concrete result did not converge."""
+    if bool(res.converged):
+        return
+    err = solve_failure(res, solver, what)
+    if solver.raise_on_fail:
+        raise err
+    warnings.warn(str(err), _solvers.SolverWarning, stacklevel=stacklevel)
+
+
+def influence_scores(problem: Problem, measures: Mapping[str, Any], *, solver: Solver = Direct(),
+                     scale: str = "change", stationarity_tol: float | None = 1e-3,
+                     on_nonstationary: str = "warn", with_self_influence: bool = False,
+                     factor: DenseFactor | None = None, x0: Mapping[str, Any] | None = None,
+                     chunk_size: int = 2048) -> InfluenceResult:
     """Scores of every training sample for every measurement (module docstring for the convention).
 
     The whole computation (stationarity, measurement gradients, the solve with all measurements
@@ -417,11 +512,10 @@ def influence_scores(problem: Problem, measures: Mapping[str, Any], *, solver: s
     Args:
       problem: from :func:`make_problem` or :func:`jaxunlearn.influence.last_layer.make_problem`.
       measures: ``{name: (measure, batch)}`` or ``{name: ∇m [p]}`` (see :func:`measurement_gradients`).
-      solver: ``"direct"`` (dense H, Cholesky), ``"cg"``, ``"lissa"`` or ``"arnoldi"``.
-      damping: lambda added to H (0 keeps the exact influence; the L2 term already makes H
-        positive definite).
-      solver_kwargs: further keyword arguments of the solver (e.g. ``tol``, ``maxiter``; arnoldi
-        needs ``rank``, ``num_iters``, ``key``).
+      solver: a solver object (:mod:`jaxunlearn.influence.solvers`): ``Direct()`` (dense H,
+        Cholesky; the default), ``CG(tol=...)``, ``LiSSA(...)`` or ``Arnoldi(...)``. Its
+        ``damping`` is added to H (0 keeps the exact influence; the L2 term already makes H
+        positive definite); its ``raise_on_fail`` decides between an error and a warning.
       scale: ``"change"`` (DESIGN.md: predicted change of m) or ``"seed004"`` (times n: seed 004's
         I(z_i; -1), eqs. (3)-(5), with sum-reduced utility/robustness measurements).
       stationarity_tol: threshold on ``||∇L(θ̂)||`` (None: skip the check).
@@ -429,37 +523,44 @@ def influence_scores(problem: Problem, measures: Mapping[str, Any], *, solver: s
       with_self_influence: also return the exact self-influence (:func:`self_influence`), from
         the same dense Hessian and Cholesky factor as the direct solve (formed for it with
         iterative solvers).
+      factor: a :class:`~jaxunlearn.influence.solvers.DenseFactor` from an earlier call
+        (``InfluenceResult.factor``): H is not formed again.
+      x0: warm starts ``{name: [p]}`` for iterative solvers (e.g. an earlier result's
+        ``directions``); missing names start from 0.
       chunk_size: rows per triangular solve of the generic self-influence.
 
     Returns:
       :class:`InfluenceResult`.
 
     Raises:
-      ValueError: unknown solver/scale, absent groups, shape mismatches;
+      ValueError: bad solver/scale, absent groups, shape mismatches;
         :class:`NonStationaryError`; solver errors (:class:`~jaxunlearn.influence.solvers.SolverError`)
         when a solve fails; :class:`~jaxunlearn.influence.grads.NonFiniteError` for NaN/inf.
     """
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    if solver not in ("direct", "cg", "lissa", "arnoldi"):
-        raise ValueError(f"unknown solver {solver!r}; choose 'direct', 'cg', 'lissa' or 'arnoldi'")
+    _check_solver(solver)
     if on_nonstationary not in ("warn", "raise", "ignore"):
         raise ValueError(f"on_nonstationary must be 'warn', 'raise' or 'ignore', got {on_nonstationary!r}")
-    kw = dict(solver_kwargs or {})
-    raise_on_fail = kw.pop("raise_on_fail", True)
-    key = kw.pop("key", jax.random.key(0)) if solver == "arnoldi" else jax.random.key(0)
-    if solver == "arnoldi":
-        missing = {"rank", "num_iters"} - set(kw)
-        if missing:
-            raise ValueError(f"solver 'arnoldi' needs solver_kwargs {sorted(missing)} (and a key)")
+    p = problem.flat.shape[0]
+    _check_factor(factor, solver, p)
     names, fns, batches, given = _split_measures(problem, measures)
     order = tuple(measures)
-    gn, vals, B, res, S, finite, si, chol_ok = _core_jit(
-        problem.data, problem.flat, batches, given, damping, key, problem.normalizer,
-        fns=_fns_of(problem), measures=fns, solver=solver,
-        kw=tuple(sorted({**kw, "raise_on_fail": False}.items())), names=tuple(names), order=order,
+    X0 = None
+    if x0 is not None:
+        unknown = set(x0) - set(order)
+        if unknown:
+            raise ValueError(f"x0 has entries {sorted(unknown)} that are not measurements {list(order)}")
+        X0 = jnp.stack([jnp.asarray(x0[k], problem.flat.dtype) if k in x0 else
+                        jnp.zeros((p,), problem.flat.dtype) for k in order], axis=1)
+        if X0.shape != (p, len(order)):
+            raise ValueError(f"each x0 entry must have shape [{p}]")
+    gn, vals, B, res, S, finite, si, factor = _core_jit(
+        problem.data, problem.flat, batches, given, solver, factor, X0, problem.normalizer,
+        fns=_fns_of(problem), measures=fns, names=tuple(names), order=order,
         special=problem.self_influence, num_train=problem.num_train,
-        si_chunk=int(chunk_size) if with_self_influence else None)
+        si_chunk=int(chunk_size) if with_self_influence else None,
+        need_factor=_needs_factor(solver, with_self_influence), pre=problem.preconditioner)
     gn = float(gn)
     _check_stationary(gn, stationarity_tol, on_nonstationary)
     for j, k in enumerate(order):
@@ -467,29 +568,14 @@ def influence_scores(problem: Problem, measures: Mapping[str, Any], *, solver: s
                                      "classes absent from its batch?)")
     if not bool(finite):
         raise _grads.NonFiniteError("the Hessian contains NaN or inf; check the model and data")
-    if not bool(res.converged):
-        msg = (f"{solver} solve failed: relative residual {float(jnp.nanmax(res.residual)):.3g} after "
-               f"{int(res.iterations)} iterations")
-        if solver == "direct":
-            err = _solvers.SingularHessianError(
-                f"H + {damping:g} I is singular or not positive definite ({msg}); add damping or check "
-                "that theta is a minimum of the training objective")
-        else:
-            err = _solvers.NonConvergenceError(
-                msg + "; raise maxiter/depth, add damping or precondition. An early stop with a large "
-                "residual means H + damping I is not positive definite along some direction (CG met "
-                "non-positive curvature, LiSSA diverged): θ̂ is not a minimum, or the model is "
-                "non-convex there -- add damping or use the last-layer surrogate")
-        if raise_on_fail:
-            raise err
-        warnings.warn(str(err), _solvers.SolverWarning, stacklevel=2)
+    report_solve(res, solver)
     _grads.check_finite(res.x, "inverse-HVP solutions")
     S = S / problem.normalizer if scale == "change" else S
     _grads.check_finite(S, "influence scores")
     if si is not None:
-        if not bool(chol_ok):
+        if not bool(jnp.all(jnp.isfinite(factor.cholesky))):
             raise _solvers.SingularHessianError(
-                f"H + {damping:g} I is not positive definite (Cholesky failed): no self-influence")
+                f"H + {solver.damping:g} I is not positive definite (Cholesky failed): no self-influence")
         _grads.check_finite(si, "self-influence")
     values = dict(zip(names, (float(v) for v in vals)))
     return InfluenceResult(
@@ -497,43 +583,58 @@ def influence_scores(problem: Problem, measures: Mapping[str, Any], *, solver: s
         directions={k: res.x[:, j] for j, k in enumerate(order)},
         measure_grads={k: B[:, j] for j, k in enumerate(order)},
         values={k: values.get(k, float("nan")) for k in order},
-        grad_norm=gn, solve=res, self_influence=si)
+        grad_norm=gn, solve=res, self_influence=si, factor=factor)
 
 
 # ----------------------------------------------------------------------------- self-influence
 
 
-def _self_influence_core(data, damping, normalizer, *, fns, special, num_train, chunk_size):
+def _self_influence_core(data, flat, factor, damping, normalizer, *, fns, special, num_train, chunk_size):
     gn = jnp.linalg.norm(fns.gradient(data))
-    L = _damped_cholesky(fns.hessian(data), damping)
-    si = _si_from_hessian(data, L, normalizer, fns=fns, special=special, num_train=num_train,
-                          chunk_size=chunk_size)
-    return gn, jnp.all(jnp.isfinite(L)), si
+    if factor is None:
+        factor = Direct(damping=damping).factorize(_operator(data, fns), dtype=flat.dtype)
+    si = _si_from_factor(data, factor.cholesky, normalizer, fns=fns, special=special,
+                         num_train=num_train, chunk_size=chunk_size)
+    return gn, jnp.all(jnp.isfinite(factor.cholesky)), si
 
 
-_self_influence_jit = jax.jit(_self_influence_core,
-                              static_argnames=("fns", "special", "num_train", "chunk_size"))
+_self_influence_jit = jax.jit(_self_influence_core, static_argnames=("damping", "fns", "special",
+                                                                     "num_train", "chunk_size"))
 
 
-def self_influence(problem: Problem, *, damping: float = 0.0, chunk_size: int = 2048,
-                   stationarity_tol: float | None = 1e-3, on_nonstationary: str = "warn") -> jax.Array:
+def self_influence(problem: Problem, *, solver: Direct = Direct(), factor: DenseFactor | None = None,
+                   chunk_size: int = 2048, stationarity_tol: float | None = 1e-3,
+                   on_nonstationary: str = "warn") -> jax.Array:
     """Exact self-influence ``(1/n) ∇ell_i^T H^{-1} ∇ell_i`` of every training sample, [n].
 
     The predicted increase of sample i's own loss when it is removed (the score of measurement
     ``m = ell_i``); large values flag memorised or mislabelled points. Computed from the Cholesky
-    factor ``H = L L^T`` as ``||L^{-1} g_i||^2 / n``, ``chunk_size`` rows of G per triangular solve,
-    or by the problem's closed form (the last layer's Gram method). One compiled call; use
-    ``influence_scores(..., with_self_influence=True)`` to share the Hessian with a solve.
+    factor ``H + damping I = L L^T`` as ``||L^{-1} g_i||^2 / n``, ``chunk_size`` rows of G per
+    triangular solve, or by the problem's closed form (the last layer's Gram method). Staged: pass
+    ``factor`` (``InfluenceResult.factor`` of a direct solve, or ``Direct().factorize(problem)``)
+    and H is neither formed nor factored again -- for autodiff problems too.
+
+    Args:
+      problem: a :class:`Problem`.
+      solver: a :class:`~jaxunlearn.influence.solvers.Direct` solver (its ``damping``); exact
+        self-influence needs the dense factor, so iterative solvers are refused.
+      factor: optional :class:`~jaxunlearn.influence.solvers.DenseFactor` to reuse.
+      chunk_size, stationarity_tol, on_nonstationary: as :func:`influence_scores`.
 
     Raises:
       SingularHessianError: H + damping I is not positive definite.
     """
-    gn, chol_ok, out = _self_influence_jit(problem.data, damping, problem.normalizer,
-                                           fns=_fns_of(problem), special=problem.self_influence,
+    if not isinstance(solver, Direct):
+        raise ValueError(f"self_influence needs a Direct solver (exact, from the Cholesky factor; an "
+                         f"iterative solver would need one solve per training sample), got {solver!r}")
+    _check_factor(factor, solver, problem.flat.shape[0])
+    gn, chol_ok, out = _self_influence_jit(problem.data, problem.flat, factor, float(solver.damping),
+                                           problem.normalizer, fns=_fns_of(problem),
+                                           special=problem.self_influence,
                                            num_train=problem.num_train, chunk_size=int(chunk_size))
     _check_stationary(float(gn), stationarity_tol, on_nonstationary)
     if not bool(chol_ok):
         raise _solvers.SingularHessianError(
-            f"H + {damping:g} I is not positive definite (Cholesky failed); add damping or check that "
-            "theta is a minimum")
+            f"H + {solver.damping:g} I is not positive definite (Cholesky failed); add damping or "
+            "check that theta is a minimum")
     return out

@@ -13,7 +13,7 @@ measurement, near float32 rounding for n in the thousands.
 Typical use::
 
     with jax.enable_x64(True):
-        result, infl = validation.validate_last_layer(head, feats, y, measures, l2=l2)
+        result, infl = validation.validate_last_layer(head, {"x": feats, "y": y}, measures, l2=l2)
     result.pearson, result.spearman      # {name: float}
 """
 
@@ -30,6 +30,7 @@ from jaxunlearn import losses
 from jaxunlearn.influence import grads as _grads
 from jaxunlearn.influence import last_layer as _ll
 from jaxunlearn.influence import scores as _scores
+from jaxunlearn.influence import solvers as _solvers
 
 __all__ = [
     "ValidationResult",
@@ -276,29 +277,31 @@ def lbfgs_refit(loss_fn: Callable, batch: dict, *, l2: float = 0.0, select=None,
     return refit
 
 
-def validate_last_layer(head: dict, features, y, measures: Mapping[str, Any], *, l2,
+def validate_last_layer(head: dict, batch: dict, measures: Mapping[str, Any], *, l2,
                         num_points: int = 40, indices=None, penalize_intercept: bool = True,
-                        solver: str = "direct", solver_kwargs: dict | None = None,
-                        tol: float | None = None, progress: bool = False):
+                        solver: _solvers.Solver = _solvers.Direct(), tol: float | None = None,
+                        progress: bool = False):
     """Scores on the closed-form last-layer surrogate, checked by Newton leave-one-out refits.
 
     Args:
       head: ``{"kernel", "bias"?}`` at the optimum of the surrogate (e.g. from
         :func:`jaxunlearn.influence.last_layer.refit_head`).
-      features: [n, d] training features; y: [n] labels.
+      batch: the training set ``{"x": [n, d] features, "y": [n] labels}`` (as
+        :func:`jaxunlearn.influence.last_layer.make_problem`).
       measures: ``{name: (measure, batch)}`` built on
         :func:`jaxunlearn.influence.last_layer.head_apply` (batches of features).
       l2: the surrogate's L2 coefficient.
       num_points, indices: which rows to retrain without (see :func:`validate`).
       penalize_intercept: as in :func:`jaxunlearn.influence.last_layer.make_problem`.
-      solver, solver_kwargs: for :func:`jaxunlearn.influence.scores.influence_scores`.
+      solver: a solver object for :func:`jaxunlearn.influence.scores.influence_scores`.
       tol: Newton tolerance of the refits.
 
     Returns:
       ``(ValidationResult, InfluenceResult)``.
     """
-    problem = _ll.make_problem(head, features, y, l2=l2, penalize_intercept=penalize_intercept)
-    infl = _scores.influence_scores(problem, measures, solver=solver, solver_kwargs=solver_kwargs)
+    features, y = batch["x"], batch["y"]
+    problem = _ll.make_problem(head, {"x": features, "y": y}, l2=l2, penalize_intercept=penalize_intercept)
+    infl = _scores.influence_scores(problem, measures, solver=solver)
     fit_intercept = "bias" in head and head["bias"] is not None
     refit = last_layer_refit(features, y, l2=l2, fit_intercept=fit_intercept,
                              num_outputs=head["kernel"].shape[1], penalize_intercept=penalize_intercept,

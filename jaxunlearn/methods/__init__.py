@@ -30,8 +30,7 @@ MIU            :func:`miu`                           forget + retain with groups
 """
 
 from jaxunlearn.methods.base import (
-    Method, MethodState, Subset, first_pass, resolve_trainable, combine_masks,
-    freeze_outside, subset_optimizer, apply_updates, gradient_step)
+    Method, MethodState, first_pass, gradient_step)
 from jaxunlearn.methods.train import train, retrain
 from jaxunlearn.methods.finetune import finetune, cf_k
 from jaxunlearn.methods.eu_k import eu_k

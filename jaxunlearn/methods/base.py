@@ -42,8 +42,8 @@ A sample of weight 0 is never scheduled and, as padding, changes nothing.
 with the structure of ``variables["params"]`` whose leaves are Python bools or bool arrays (per
 element: SalUn's saliency mask). Gradients are taken only w.r.t. leaves with some True element
 (frozen lower layers cost no backward pass and no optimizer state); the optimizer is chained with
-:func:`freeze_outside`, which zeroes the whole update (weight decay and momentum included) outside
-the mask; and :func:`apply_updates` leaves every zero-update element bit-identical. BatchNorm
+:func:`jaxunlearn.subsets.masked`, which zeroes the whole update (weight decay and momentum
+included) outside the mask; and unchanged elements stay bit-identical (:mod:`jaxunlearn.subsets`). BatchNorm
 statistics of layers whose parameters are all frozen are not updated either.
 """
 
@@ -56,20 +56,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxunlearn import losses
+from jaxunlearn import losses, subsets
+from jaxunlearn.subsets import Subset, put, take
 
 __all__ = [
     "Method",
     "MethodState",
-    "Subset",
     "first_pass",
-    "resolve_trainable",
-    "combine_masks",
-    "take",
-    "put",
-    "freeze_outside",
-    "apply_updates",
-    "subset_optimizer",
     "gradient_step",
     "forward",
     "eval_logits",
@@ -137,158 +130,6 @@ def first_pass(batch: dict) -> jax.Array:
     return batch["pass"][0] == 0
 
 
-# ----------------------------------------------------------------------------- trainable subsets
-
-class Subset(NamedTuple):
-    """A trainable subset resolved from a bool mask (static, hashable parts only).
-
-    Attributes:
-      treedef: the structure of ``variables["params"]`` the mask was given for (None: any).
-      selected: indices (in ``tree_flatten`` order) of leaves with some True element.
-      elementwise: for each selected leaf, None (all elements trainable) or the index into
-        ``masks`` of its per-element mask.
-      masks: the per-element bool masks (numpy), moved into the optimizer state by ``init``.
-      frozen_modules: module paths (tuples of keys) whose parameters are all frozen.
-    """
-
-    treedef: Any
-    selected: tuple[int, ...]
-    elementwise: tuple[int | None, ...]
-    masks: tuple[np.ndarray, ...]
-    frozen_modules: frozenset
-
-
-def _key_name(entry) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def state_module(path) -> tuple[str, ...]:
-    """The layer (module path) of a model-state leaf at ``path`` (collection and leaf name dropped)."""
-    return tuple(_key_name(p) for p in path)[1:-1]
-
-
-def resolve_trainable(trainable) -> Subset | None:
-    """Resolve a trainable mask (module docstring) into a :class:`Subset`; None stays None.
-
-    Raises:
-      ValueError: a leaf that is not boolean, or a mask that selects nothing.
-    """
-    if trainable is None:
-        return None
-    flat, treedef = jax.tree_util.tree_flatten_with_path(trainable)
-    if not flat:
-        raise ValueError("trainable mask is empty")
-    selected, elementwise, masks, leaf_frozen = [], [], [], {}
-    for i, (path, leaf) in enumerate(flat):
-        arr = np.asarray(leaf)
-        if arr.dtype != np.bool_:
-            raise ValueError(f"trainable mask leaf {'/'.join(map(_key_name, path))} has dtype "
-                             f"{arr.dtype}; expected bool")
-        names = tuple(_key_name(p) for p in path)
-        leaf_frozen[names] = not arr.any()
-        if not arr.any():
-            continue
-        selected.append(i)
-        if arr.all():
-            elementwise.append(None)
-        else:
-            elementwise.append(len(masks))
-            masks.append(arr)
-    if not selected:
-        raise ValueError("trainable mask selects no parameter")
-    modules: dict[tuple, bool] = {}
-    for names, frozen in leaf_frozen.items():
-        for depth in range(len(names)):
-            mod = names[:depth]
-            modules[mod] = modules.get(mod, True) and frozen
-    frozen_modules = frozenset(m for m, f in modules.items() if f)
-    return Subset(treedef, tuple(selected), tuple(elementwise), tuple(masks), frozen_modules)
-
-
-def combine_masks(*masks):
-    """Element-wise AND of bool mask pytrees of one structure (None entries are skipped).
-
-    E.g. SalUn restricted to the last k blocks: ``combine_masks(saliency, last_k_mask(params, k))``.
-    """
-    masks = [m for m in masks if m is not None]
-    if not masks:
-        return None
-    out = masks[0]
-    for m in masks[1:]:
-        if jax.tree.structure(m) != jax.tree.structure(out):
-            raise ValueError("masks to combine have different structures")
-        out = jax.tree.map(lambda a, b: np.logical_and(np.asarray(a), np.asarray(b)), out, m)
-    return out
-
-
-def _check_structure(params, subset: Subset | None):
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    if subset is not None and treedef != subset.treedef:
-        raise ValueError("the trainable mask does not have the structure of variables['params']: "
-                         f"{subset.treedef} vs {treedef}")
-    return leaves, treedef
-
-
-def take(params, subset: Subset | None) -> list:
-    """The trainable leaves of ``params`` (a list, ``tree_flatten`` order)."""
-    leaves, _ = _check_structure(params, subset)
-    return leaves if subset is None else [leaves[i] for i in subset.selected]
-
-
-def put(params, subset: Subset | None, new_leaves: Sequence) -> Any:
-    """``params`` with its trainable leaves replaced by ``new_leaves`` (inverse of :func:`take`)."""
-    leaves, treedef = _check_structure(params, subset)
-    if subset is None:
-        return jax.tree_util.tree_unflatten(treedef, list(new_leaves))
-    leaves = list(leaves)
-    for i, leaf in zip(subset.selected, new_leaves):
-        leaves[i] = leaf
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-class FreezeState(NamedTuple):
-    """State of :func:`freeze_outside`: the per-element masks, as traced arrays."""
-
-    masks: tuple
-
-
-def freeze_outside(subset: Subset) -> optax.GradientTransformation:
-    """An optax transform that zeroes updates outside the per-element masks of ``subset``.
-
-    Chained *after* the optimizer (weight decay and momentum included), so masked-out elements
-    never move. Acts on the list of trainable leaves of :func:`take`; fully trainable leaves pass.
-    The masks live in the transform's state (jit arguments, not constants).
-    """
-
-    def init(params):
-        del params
-        return FreezeState(tuple(jnp.asarray(m) for m in subset.masks))
-
-    def update(updates, state, params=None):
-        del params
-        out = [u if e is None else jnp.where(state.masks[e], u, jnp.zeros_like(u))
-               for u, e in zip(updates, subset.elementwise)]
-        return out, state
-
-    return optax.GradientTransformation(init, update)
-
-
-def subset_optimizer(optimizer: optax.GradientTransformation,
-                     subset: Subset | None) -> optax.GradientTransformation:
-    """``optimizer`` followed by :func:`freeze_outside` when the subset has per-element masks."""
-    if subset is None or not subset.masks:
-        return optimizer
-    return optax.chain(optimizer, freeze_outside(subset))
-
-
-def apply_updates(leaves: Sequence, updates: Sequence) -> list:
-    """``p + u`` per leaf, keeping ``p`` bit-identical where ``u == 0`` (even a ``-0.0`` weight)."""
-    return [jnp.where(u == 0, p, p + u.astype(p.dtype)) for p, u in zip(leaves, updates)]
-
-
 def split_model_state(variables) -> tuple[Any, dict]:
     """``variables -> (params, model_state)``; a clear error if there are no params."""
     if not isinstance(variables, dict) or "params" not in variables:
@@ -306,7 +147,7 @@ def _keep_frozen_state(new_state: dict, old_state: dict, subset: Subset | None) 
         return new_state
 
     def pick(path, new, old):
-        return old if state_module(path) in subset.frozen_modules else new
+        return old if subsets.state_module(path) in subset.frozen_modules else new
 
     return jax.tree_util.tree_map_with_path(pick, dict(new_state), dict(old_state))
 
@@ -334,9 +175,9 @@ def gradient_step(loss_fn: LossFn, variables, opt_state, optimizer: optax.Gradie
     Args:
       loss_fn: ``loss_fn(params, model_state) -> (loss, (new_model_state, metrics))``.
       variables: the model variables.
-      opt_state: state of ``subset_optimizer(optimizer, subset)`` over ``take(params, subset)``
+      opt_state: state of ``subsets.masked(optimizer, subset)`` over ``take(params, subset)``
         (over the params pytree itself when ``subset`` is None).
-      optimizer: that optimizer (already wrapped with :func:`subset_optimizer`).
+      optimizer: that optimizer (already wrapped with :func:`jaxunlearn.subsets.masked`).
       subset: the trainable subset or None.
 
     Returns:
@@ -353,9 +194,9 @@ def gradient_step(loss_fn: LossFn, variables, opt_state, optimizer: optax.Gradie
     (loss, (new_state, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(leaves)
     updates, opt_state = optimizer.update(grads, opt_state, leaves)
     if subset is None:
-        params = jax.tree.map(lambda p, u: apply_updates([p], [u])[0], params, updates)
+        params = jax.tree.map(lambda p, u: subsets.apply_updates([p], [u])[0], params, updates)
     else:
-        params = put(params, subset, apply_updates(leaves, updates))
+        params = put(params, subset, subsets.apply_updates(leaves, updates))
     new_state = _keep_frozen_state(new_state, model_state, subset)
     return {"params": params, **new_state}, opt_state, loss, metrics
 
@@ -374,15 +215,15 @@ def optimizer_for(method: str, optimizer, trainable, *, default=None):
     Args:
       method: the method's name, for error messages.
       optimizer: the user's optax optimizer, or None for ``default``.
-      trainable: the bool mask (:func:`resolve_trainable`).
+      trainable: the bool mask (:func:`jaxunlearn.subsets.resolve`).
       default: the method's default optimizer; None means the user must pass one.
 
     Returns:
-      The resolved :class:`Subset` (or None) and :func:`subset_optimizer` of the optimizer.
+      The resolved :class:`~jaxunlearn.subsets.Subset` (or None) and the masked optimizer.
     """
     optimizer = default if optimizer is None and default is not None else check_optimizer(optimizer, method)
-    subset = resolve_trainable(trainable)
-    return subset, subset_optimizer(optimizer, subset)
+    subset = subsets.resolve(trainable)
+    return subset, subsets.masked(optimizer, subset)
 
 
 def check_optimizer(optimizer, method: str) -> optax.GradientTransformation:

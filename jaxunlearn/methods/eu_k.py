@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxunlearn import subsets
 from jaxunlearn.methods import base
 from jaxunlearn.methods.finetune import retain_cross_entropy
 
@@ -30,7 +31,7 @@ def eu_k(apply_fn, fresh_variables, trainable, *,
     """
     if trainable is None:
         raise ValueError("eu_k needs a trainable mask (e.g. models.last_k_mask(params, k))")
-    subset = base.resolve_trainable(trainable)
+    subset = subsets.resolve(trainable)
     if subset.masks:
         raise ValueError("eu_k takes a per-leaf trainable mask (whole layers), not per-element masks")
     optimizer = base.sgd(0.01, momentum=0.9, weight_decay=5e-4) if optimizer is None else \
@@ -41,7 +42,7 @@ def eu_k(apply_fn, fresh_variables, trainable, *,
         params, model_state = base.split_model_state(variables)
         if jax.tree.structure(fresh_params) != jax.tree.structure(params):
             raise ValueError("fresh_variables['params'] must have the structure of variables['params']")
-        extra = {"params": [jnp.array(l) for l in base.take(fresh_params, subset)],
+        extra = {"params": [jnp.array(l) for l in subsets.take(fresh_params, subset)],
                  "model_state": jax.tree.map(jnp.array, fresh_state)}
         if jax.tree.structure(extra["model_state"]) != jax.tree.structure(model_state):
             raise ValueError("fresh_variables must have the same collections as variables")
@@ -50,14 +51,14 @@ def eu_k(apply_fn, fresh_variables, trainable, *,
     def reinit(variables, state):
         first = state.step == 0
         params, model_state = base.split_model_state(variables)
-        leaves = [jnp.where(first, f, p) for f, p in zip(state.extra["params"], base.take(params, subset))]
+        leaves = [jnp.where(first, f, p) for f, p in zip(state.extra["params"], subsets.take(params, subset))]
 
         def pick(path, cur, fresh):
-            frozen = base.state_module(path) in subset.frozen_modules
+            frozen = subsets.state_module(path) in subset.frozen_modules
             return cur if frozen else jnp.where(first, fresh, cur)
 
         model_state = jax.tree_util.tree_map_with_path(pick, model_state, state.extra["model_state"])
-        return {"params": base.put(params, subset, leaves), **model_state}
+        return {"params": subsets.put(params, subset, leaves), **model_state}
 
     def update(variables, state, batches, key):
         del key

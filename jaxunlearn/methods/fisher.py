@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunlearn import evaluation, loop, losses
+from jaxunlearn import subsets
 from jaxunlearn.methods import base
 
 __all__ = ["fisher_diagonal", "retain_gradient", "newton_step_size", "fisher_forgetting"]
@@ -110,7 +111,7 @@ def _weighted(retain: dict) -> tuple[dict, int]:
 
 
 def _selected(params, trainable):
-    subset = base.resolve_trainable(trainable)
+    subset = subsets.resolve(trainable)
     leaves_all, treedef = jax.tree_util.tree_flatten(params)
     if subset is not None and subset.treedef != treedef:
         raise ValueError("trainable mask does not have the structure of variables['params']")
@@ -175,16 +176,16 @@ def newton_step_size(apply_fn, variables, retain: dict, fisher, newton_grad, *, 
     """
     params, model_state = base.split_model_state(variables)
     f0, _ = _retain_objective(apply_fn, variables, retain, l2, batch_size, trainable)
-    subset = base.resolve_trainable(trainable)
-    g = base.take(newton_grad, subset)
-    d = [-gl / (fl + damping) for gl, fl in zip(g, base.take(fisher, subset))]
+    subset = subsets.resolve(trainable)
+    g = subsets.take(newton_grad, subset)
+    d = [-gl / (fl + damping) for gl, fl in zip(g, subsets.take(fisher, subset))]
     if subset is not None:  # element masks: the update of fisher_forgetting moves only these
         d = [dl if e is None else jnp.where(jnp.asarray(subset.masks[e]), dl, 0.0)
              for dl, e in zip(d, subset.elementwise)]
     slope = float(sum(jnp.sum(gl * dl) for gl, dl in zip(g, d)))
     eta = 1.0
     for _ in range(max_halvings + 1):
-        moved = base.put(params, subset, [p + eta * dl for p, dl in zip(base.take(params, subset), d)])
+        moved = subsets.put(params, subset, [p + eta * dl for p, dl in zip(subsets.take(params, subset), d)])
         f, _ = _retain_objective(apply_fn, {"params": moved, **model_state}, retain, l2, batch_size,
                                  trainable)
         if np.isfinite(f) and f <= f0 + armijo * eta * slope:
@@ -220,14 +221,14 @@ def fisher_forgetting(fisher, *, alpha: float = 1e-6, max_variance: float = 1e3,
     if newton_grad is not None:
         base.check_positive("damping", damping)
         base.check_positive("step_size", step_size)
-    subset = base.resolve_trainable(trainable)
+    subset = subsets.resolve(trainable)
 
     def init(variables):
         params, _ = base.split_model_state(variables)
         if jax.tree.structure(fisher) != jax.tree.structure(params):
             raise ValueError("fisher does not have the structure of variables['params']")
-        f = [jnp.asarray(l) for l in base.take(fisher, subset)]
-        for leaf, p in zip(f, base.take(params, subset)):
+        f = [jnp.asarray(l) for l in subsets.take(fisher, subset)]
+        for leaf, p in zip(f, subsets.take(params, subset)):
             if leaf.shape != jnp.shape(p):
                 raise ValueError(f"fisher leaf of shape {leaf.shape} for a parameter of shape {jnp.shape(p)}")
             if not bool(jnp.all(jnp.isfinite(leaf))) or bool(jnp.any(leaf < 0)):
@@ -238,7 +239,7 @@ def fisher_forgetting(fisher, *, alpha: float = 1e-6, max_variance: float = 1e3,
         if newton_grad is not None:
             if jax.tree.structure(newton_grad) != jax.tree.structure(params):
                 raise ValueError("newton_grad does not have the structure of variables['params']")
-            g = [jnp.asarray(l) for l in base.take(newton_grad, subset)]
+            g = [jnp.asarray(l) for l in subsets.take(newton_grad, subset)]
             for leaf, fl in zip(g, f):
                 if leaf.shape != fl.shape or not bool(jnp.all(jnp.isfinite(leaf))):
                     raise ValueError("newton_grad must be finite with the shapes of the trainable "
@@ -256,7 +257,7 @@ def _make_update(alpha: float, max_variance: float, subset):
     def update(variables, state, batches, key):
         del batches
         params, model_state = base.split_model_state(variables)
-        leaves = base.take(params, subset)
+        leaves = subsets.take(params, subset)
         keys = jax.random.split(key, len(leaves))
         masks = state.extra["masks"]
         new = []
@@ -265,7 +266,7 @@ def _make_update(alpha: float, max_variance: float, subset):
             q = p - d.astype(p.dtype) + jnp.sqrt(var).astype(p.dtype) * jax.random.normal(k, p.shape, p.dtype)
             e = None if subset is None else subset.elementwise[j]
             new.append(q if e is None else jnp.where(masks[e], q, p))
-        params = base.put(params, subset, new)
+        params = subsets.put(params, subset, new)
         noise_std = jnp.sqrt(sum(jnp.sum(alpha * jnp.minimum(1.0 / (f + 1e-8), max_variance))
                                  for f in state.extra["fisher"]) / sum(f.size for f in state.extra["fisher"]))
         return {"params": params, **model_state}, state._replace(step=state.step + 1), \

@@ -7,8 +7,12 @@ training-set size and ``H`` the Hessian of the *mean* training objective includi
 regulariser, ``(1/n) sum_i l_i + (l2/2)||theta||^2`` (:mod:`jaxunlearn.train`). It is the first
 Newton step, from the original optimum, towards the minimiser of the reweighted objective
 ``(1/n) sum_i (1 + eps_i) l_i + (l2/2)||theta||^2`` (seed 004 eq. (1)); the influence engine
-(:mod:`jaxunlearn.influence`) provides the inverse-Hessian solvers. For networks, restrict it to
-the last layer (``trainable`` = the head, with ``inverse_hvp`` the head's solver).
+(:mod:`jaxunlearn.influence`) provides the inverse-Hessian solvers, and eq. (8) itself is
+:func:`jaxunlearn.influence.influence_step`, shared with the pure library update
+:func:`jaxunlearn.influence.influence_update` (which takes an influence ``Problem`` and a solver
+object and returns the new parameters directly; this Method is the same update inside the
+unlearning loop, reading eps from its forget batches). For networks, restrict it to the last layer
+(``trainable`` = the head, with ``inverse_hvp`` the head's solver).
 
 ``sum_i eps_i grad l_i`` is the gradient of one weighted sum (no per-sample gradients), taken in
 eval mode and accumulated over chunks of ``chunk_size`` samples to bound memory.
@@ -39,6 +43,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxunlearn import losses
+from jaxunlearn import subsets
+from jaxunlearn.influence.update import influence_step
 from jaxunlearn.methods import base
 
 __all__ = ["influence_unlearning"]
@@ -92,7 +98,7 @@ def influence_unlearning(apply_fn, inverse_hvp: Callable[..., Any], *, num_train
         raise ValueError(f"num_train must be positive, got {num_train}")
     if chunk_size is not None and int(chunk_size) <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    subset = base.resolve_trainable(trainable)
+    subset = subsets.resolve(trainable)
     if subset is not None and subset.masks:
         raise ValueError("influence_unlearning takes a per-leaf trainable mask, not per-element masks")
     n = float(num_train)
@@ -105,22 +111,26 @@ def influence_unlearning(apply_fn, inverse_hvp: Callable[..., Any], *, num_train
         del key
         fb = base.require(batches, "forget", "IF")
         params, model_state = base.split_model_state(variables)
-        leaves = base.take(params, subset)
+        leaves = subsets.take(params, subset)
 
         def objective(train_leaves, chunk):
-            p = base.put(params, subset, train_leaves)
+            p = subsets.put(params, subset, train_leaves)
             logits, _ = apply_fn({"params": p, **model_state}, chunk["x"], train=False)
             return jnp.sum(chunk["weight"] * loss_fn(logits, chunk["y"]))
 
         g = _chunked_weighted_grad(objective, leaves, {"x": fb["x"], "y": fb["y"],
                                                        "weight": fb["weight"]}, chunk_size)
         zeros = jax.tree.map(jnp.zeros_like, params)
-        v = base.put(zeros, subset, g)
-        h = inverse_hvp(v) if operands is None else inverse_hvp(v, state.extra["operands"])
-        if jax.tree.structure(h) != jax.tree.structure(params):
-            raise ValueError("inverse_hvp must return a pytree with the structure of variables['params']")
-        step = [-hl / n for hl in base.take(h, subset)]
-        params = base.put(params, subset, [p + s.astype(p.dtype) for p, s in zip(leaves, step)])
+
+        def inverse(g_leaves):  # H^{-1} on the trainable leaves, through the full-tree inverse_hvp
+            v = subsets.put(zeros, subset, g_leaves)
+            h = inverse_hvp(v) if operands is None else inverse_hvp(v, state.extra["operands"])
+            if jax.tree.structure(h) != jax.tree.structure(params):
+                raise ValueError("inverse_hvp must return a pytree with the structure of variables['params']")
+            return subsets.take(h, subset)
+
+        new_leaves, step = influence_step(list(leaves), list(g), inverse, n)
+        params = subsets.put(params, subset, new_leaves)
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(s)) for s in step))
         return {"params": params, **model_state}, state._replace(step=state.step + 1), \
             {"loss": jnp.zeros(()), "step_norm": norm}

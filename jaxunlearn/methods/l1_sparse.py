@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxunlearn import losses
+from jaxunlearn import subsets
 from jaxunlearn.methods import base
 from jaxunlearn.methods.finetune import retain_cross_entropy
 
@@ -50,7 +51,7 @@ def l1_sparse(apply_fn, *, epochs: int, alpha: float = 5e-4,
 
         def loss_fn(params, model_state):
             ce, (model_state, metrics) = ce_loss(params, model_state)
-            l1 = losses.l1_norm(base.take(params, subset))
+            l1 = losses.l1_norm(subsets.take(params, subset))
             return ce + coef * l1, (model_state, {**metrics, "l1": l1, "l1_coef": coef})
 
         variables, opt_state, loss, metrics = base.gradient_step(loss_fn, variables, state.opt_state,

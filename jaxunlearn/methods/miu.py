@@ -78,6 +78,7 @@ import optax
 
 from jaxunlearn import losses
 from jaxunlearn import mutual_information as mi
+from jaxunlearn import subsets
 from jaxunlearn.methods import base
 
 __all__ = ["miu", "check_estimators", "cell_onehot"]
@@ -214,8 +215,8 @@ def miu(apply_fn, tune_data: dict, *, num_classes: int, num_sensitive: int, key:
         base.check_optimizer(optimizer, "MIU")
     mine_tx = optax.sgd(0.01, momentum=0.9) if mine_optimizer is None else \
         base.check_optimizer(mine_optimizer, "MIU (estimators)")
-    subset = base.resolve_trainable(trainable)
-    tx = base.subset_optimizer(optimizer, subset)
+    subset = subsets.resolve(trainable)
+    tx = subsets.masked(optimizer, subset)
     mine_step = mi.make_mine_step(mine_tx, ema_decay=ema_decay, marginal=marginal)
     tune_on_original = original_estimator_features == "original"
     cells = jnp.asarray(tg.astype(np.int32) + ty.astype(np.int32) * S)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxunlearn import losses
+from jaxunlearn import subsets
 from jaxunlearn.methods import base
 from jaxunlearn.methods.gradient_ascent import forget_cross_entropy
 
@@ -43,7 +44,7 @@ def neggrad_plus(apply_fn, *, alpha: float = 0.95, weight_decay: float = 0.1,
 
     def init(variables):
         params, _ = base.split_model_state(variables)
-        anchor = [jnp.array(p) for p in base.take(params, subset)]
+        anchor = [jnp.array(p) for p in subsets.take(params, subset)]
         return base.init_state(variables, tx, subset, {"anchor": anchor})
 
     def update(variables, state, batches, key):
@@ -56,7 +57,7 @@ def neggrad_plus(apply_fn, *, alpha: float = 0.95, weight_decay: float = 0.1,
             logits_r, model_state = base.forward(apply_fn, params, model_state, rb["x"], rb["weight"])
             ce_r = losses.weighted_mean(losses.cross_entropy(logits_r, rb["y"]), rb["weight"])
             drift = sum(jnp.sum(jnp.square(p - a))
-                        for p, a in zip(base.take(params, subset), anchor))
+                        for p, a in zip(subsets.take(params, subset), anchor))
             ce_f, model_state, _ = forget_cross_entropy(apply_fn, fb, params, model_state)
             loss = alpha * (ce_r + 0.5 * weight_decay * drift) + (1.0 - alpha) * ce_f
             return loss, (model_state, {"retain_loss": ce_r, "forget_loss": ce_f, "drift": drift})

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from jaxunlearn import losses
+from jaxunlearn import subsets
 from jaxunlearn.methods import base
 from jaxunlearn.methods.random_labels import concat_batches
 
@@ -111,7 +112,7 @@ def ntk_forgetting(apply_fn, *, weight_decay: float = 0.1, trainable=None,
         raise ValueError(f"solve must be 'auto', 'primal' or 'dual', got {solve!r}")
     if int(chunk_size) <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    subset = base.resolve_trainable(trainable)
+    subset = subsets.resolve(trainable)
     if subset is not None and subset.masks:
         raise ValueError("ntk_forgetting takes a per-leaf trainable mask, not per-element masks")
 
@@ -123,14 +124,14 @@ def ntk_forgetting(apply_fn, *, weight_decay: float = 0.1, trainable=None,
         fb = base.require(batches, "forget", "NTK")
         rb = base.require(batches, "retain", "NTK")
         params, model_state = base.split_model_state(variables)
-        flat, unravel = ravel_pytree(base.take(params, subset))
+        flat, unravel = ravel_pytree(subsets.take(params, subset))
         x, _, _ = concat_batches(fb, rb)
         y = jnp.concatenate([fb["y"], rb["y"].astype(fb["y"].dtype)])
         wf = fb["weight"].astype(flat.dtype)
         wr = rb["weight"].astype(flat.dtype)
 
         def logits_of(q, xi):
-            p = base.put(params, subset, unravel(q))
+            p = subsets.put(params, subset, unravel(q))
             logits, _ = apply_fn({"params": p, **model_state}, xi[None], train=False)
             return losses.class_logits(logits)[0]
 
@@ -157,7 +158,7 @@ def ntk_forgetting(apply_fn, *, weight_decay: float = 0.1, trainable=None,
             delta = _primal_delta(logits_of, flat, (fb["x"], fb["y"], -wf),
                                   (rb["x"].astype(fb["x"].dtype), rb["y"].astype(fb["y"].dtype), wr),
                                   weight_decay, int(chunk_size))
-        params = base.put(params, subset, unravel(flat + delta))
+        params = subsets.put(params, subset, unravel(flat + delta))
         return {"params": params, **model_state}, state._replace(step=state.step + 1), \
             {"loss": jnp.zeros(()), "delta_norm": jnp.linalg.norm(delta)}
 

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from jaxunlearn import evaluation, loop, losses
+from jaxunlearn import subsets
 from jaxunlearn.methods import base
 from jaxunlearn.methods.random_labels import random_labels
 
@@ -106,5 +107,5 @@ def salun(apply_fn, mask, *, optimizer: optax.GradientTransformation | None = No
     """
     if mask is None:
         raise ValueError("salun needs a saliency mask (methods.saliency_mask)")
-    return random_labels(apply_fn, optimizer=optimizer, trainable=base.combine_masks(mask, trainable),
+    return random_labels(apply_fn, optimizer=optimizer, trainable=subsets.combine_masks(mask, trainable),
                          name="SalUn")

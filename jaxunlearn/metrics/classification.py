@@ -78,8 +78,12 @@ def confusion_counts(pred, y, *, group=None, weight=None, num_classes: int,
     return jnp.einsum("bg,by,bp->gyp", oh_g, oh_y, oh_p)
 
 
-def _host_counts(pred, y, group, weight):
-    """Counts on the host with arbitrary group ids; returns (counts [G, K, K], ids [G])."""
+def _host_counts(pred, y, group, weight, *, sample_weight: bool = False):
+    """Counts on the host with arbitrary group ids; returns (counts [G, K, K], ids [G]).
+
+    ``weight`` 0 drops a row; with ``sample_weight=True`` every kept row counts ``weight``
+    (fairlearn's ``sample_weight``; weights must be finite and >= 0), else 1.
+    """
     p = np.asarray(predicted_labels(pred))
     y = np.asarray(y)
     if y.ndim != 1 or y.shape != p.shape:
@@ -97,6 +101,12 @@ def _host_counts(pred, y, group, weight):
             raise ValueError(f"group {gid.shape} and predictions {p.shape} differ in length")
         if not np.issubdtype(gid.dtype, np.integer) and not np.issubdtype(gid.dtype, np.bool_):
             raise ValueError(f"group ids must be integers, got dtype {gid.dtype}")
+    wk = np.ones(int(keep.sum()))
+    if sample_weight and weight is not None:
+        wk = np.asarray(weight, np.float64)[keep]
+        if not np.all(np.isfinite(wk)) or np.any(wk < 0):
+            raise ValueError("weight must be finite and >= 0 (sample weights); got "
+                             f"min {np.nanmin(wk):g}" + (" and non-finite entries" if not np.all(np.isfinite(wk)) else ""))
     p, y, gid = p[keep], y[keep], gid[keep]
     if p.size == 0:
         raise ValueError("no samples (every weight is 0 or the arrays are empty)")
@@ -105,7 +115,7 @@ def _host_counts(pred, y, group, weight):
     ids, g = np.unique(gid, return_inverse=True)
     k = int(max(y.max(), p.max())) + 1
     counts = np.zeros((ids.size, max(k, 2), max(k, 2)), np.float64)
-    np.add.at(counts, (g, y, p), 1.0)
+    np.add.at(counts, (g, y, p), wk)
     return counts, ids
 
 

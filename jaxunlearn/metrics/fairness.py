@@ -16,6 +16,10 @@ and over t. Pass the sensitive attribute as the group, not De Min's cell id ``s 
 
 All values are fractions in [0, 1] (or [-1, 1] signed); the reference reports EO in percent.
 A group (or cell) with no samples raises a ValueError naming it.
+
+``weight`` is a *sample weight*, as fairlearn's ``sample_weight``: every rate is a weighted rate,
+e.g. ``P(y_hat=1 | s) = sum_{i in s} w_i [y_hat_i = 1] / sum_{i in s} w_i``; weight 0 drops a row
+(padding), so 0/1 weights act as a mask. Weights must be finite and >= 0.
 """
 
 from __future__ import annotations
@@ -111,11 +115,14 @@ def equalized_odds_from_counts(counts, *, target_partition: Sequence[Sequence[in
 
 
 def demographic_parity(pred, group, *, weight=None, absolute: bool = False) -> float:
-    """DP of hard predictions (labels [n] or logits [n, K]) over sensitive groups [n]."""
+    """DP of hard predictions (labels [n] or logits [n, K]) over sensitive groups [n].
+
+    ``weight``: optional [n] sample weights (module docstring; 0 = padding).
+    """
     _require_groups(group, "demographic parity")
     p = np.asarray(pred)
     _check_binary_logits(p, "demographic parity")
-    counts, ids = _host_counts(p, np.zeros(p.shape[0], np.int64), group, weight)
+    counts, ids = _host_counts(p, np.zeros(p.shape[0], np.int64), group, weight, sample_weight=True)
     return demographic_parity_from_counts(counts, absolute=absolute, ids=ids)
 
 
@@ -123,7 +130,7 @@ def equal_opportunity(pred, y, group, *, weight=None, absolute: bool = False) ->
     """EOP of hard predictions given y = 1 over sensitive groups [n]."""
     _require_groups(group, "equal opportunity")
     _check_binary_logits(pred, "equal opportunity")
-    counts, ids = _host_counts(pred, y, group, weight)
+    counts, ids = _host_counts(pred, y, group, weight, sample_weight=True)
     return equal_opportunity_from_counts(counts, absolute=absolute, ids=ids)
 
 
@@ -131,7 +138,7 @@ def equalized_odds(pred, y, group, *, weight=None,
                    target_partition: Sequence[Sequence[int]] | None = None) -> float:
     """De Min's EO: mean over target values of the accuracy gap between sensitive groups."""
     _require_groups(group, "equalized odds")
-    counts, ids = _host_counts(pred, y, group, weight)
+    counts, ids = _host_counts(pred, y, group, weight, sample_weight=True)
     if target_partition is None:
         # Only the labels that occur define target values (counts may be padded to 2 classes).
         present = np.flatnonzero(counts.sum((0, 2)) > 0)

@@ -6,5 +6,4 @@ from jaxunlearn.models.resnet import ResNet, BasicBlock, Bottleneck, resnet, res
 from jaxunlearn.models.vit import SmallViT, small_vit
 from jaxunlearn.models.nnx_adapter import from_nnx
 from jaxunlearn.models.partition import (
-    split_head, merge_head, block_names, last_k_mask, select, combine, partition_params,
-    reinit_masked, train_subset, norm_layer_names)
+    split_head, merge_head, block_names, last_k_mask, reinit_masked, norm_layer_names)

@@ -16,20 +16,21 @@ Pure pytree functions; they rely only on naming conventions, not on Flax:
 Typical uses::
 
     mask = last_k_mask(params, k)                      # CF-k / EU-k (SCRUB's baselines)
-    tx = train_subset(optax.sgd(0.1), mask)            # frozen leaves stay bit-identical
+    method = methods.finetune(apply, trainable=mask)   # frozen leaves stay bit-identical
     params = reinit_masked(params, fresh_params, mask) # EU-k
-    subset, rebuild = partition_params(params, mask)   # gradients w.r.t. a subset only
-    g = jax.grad(lambda s: loss(rebuild(s)))(subset)
+
+Taking, putting and optimising a subset is :mod:`jaxunlearn.subsets`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
-import optax
+
+from jaxunlearn.subsets import combine, select
 
 __all__ = [
     "HEAD",
@@ -38,11 +39,7 @@ __all__ = [
     "block_of",
     "block_names",
     "last_k_mask",
-    "select",
-    "combine",
-    "partition_params",
     "reinit_masked",
-    "train_subset",
     "norm_layer_names",
 ]
 
@@ -116,37 +113,6 @@ def last_k_mask(tree, k: int, *, blocks: Sequence[str] | None = None):
     return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
-def _check_mask(tree, mask) -> None:
-    if jax.tree.structure(tree) != jax.tree.structure(mask):
-        raise ValueError("mask must have exactly the structure of the tree it selects from: "
-                         f"{jax.tree.structure(mask)} vs {jax.tree.structure(tree)}")
-    if not all(isinstance(m, (bool, np.bool_)) for m in jax.tree.leaves(mask)):
-        raise ValueError("mask leaves must be Python bools (a static mask)")
-
-
-def select(tree, mask):
-    """The leaves where ``mask`` is True; the others become None (an empty subtree)."""
-    _check_mask(tree, mask)
-    return jax.tree.map(lambda m, x: x if m else None, mask, tree)
-
-
-def combine(selected, tree, mask):
-    """Put the leaves of ``selected`` (from :func:`select`) back into ``tree`` where ``mask``."""
-    _check_mask(tree, mask)
-    return jax.tree.map(lambda m, s, x: s if m else x, mask, selected, tree)
-
-
-def partition_params(params, mask) -> tuple[Any, Callable[[Any], Any]]:
-    """``params -> (subset, rebuild)`` with ``rebuild(subset) == params``.
-
-    Differentiate w.r.t. the selected parameters only: ``jax.grad(lambda s: f(rebuild(s)))(subset)``
-    returns a tree with None at the frozen leaves (``ravel_pytree`` drops them). ``rebuild`` holds
-    the frozen leaves; build it inside the jitted function so that they stay traced arguments.
-    """
-    subset = select(params, mask)
-    return subset, lambda s: combine(s, params, mask)
-
-
 def reinit_masked(params, fresh_params, mask):
     """The leaves of ``fresh_params`` where ``mask``, ``params`` elsewhere (EU-k re-initialisation).
 
@@ -158,19 +124,6 @@ def reinit_masked(params, fresh_params, mask):
         if np.shape(a) != np.shape(b):
             raise ValueError(f"fresh_params leaf of shape {np.shape(b)} replaces one of {np.shape(a)}")
     return combine(select(fresh_params, mask), params, mask)
-
-
-def train_subset(tx: optax.GradientTransformation, mask) -> optax.GradientTransformation:
-    """``tx`` on the leaves where ``mask`` is True, zero updates elsewhere.
-
-    Built on ``optax.multi_transform`` with ``optax.set_to_zero()``: the frozen leaves keep no
-    optimizer state, and ``optax.apply_updates`` leaves them unchanged (bit for bit, except that
-    a frozen ``-0.0`` becomes ``+0.0``), even with an L2 term in the loss.
-    """
-    if not all(isinstance(m, (bool, np.bool_)) for m in jax.tree.leaves(mask)):
-        raise ValueError("mask leaves must be Python bools (a static mask)")
-    labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
-    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
 
 def norm_layer_names(model, variables, sample_x) -> list[str]:
