@@ -1,6 +1,7 @@
 """Adversarial perturbations: FGSM, PGD (L-infinity) and the linear (Megyeri) perturbation.
 
-All attacks are pure functions the caller jits. FGSM and PGD come in two forms:
+All attacks are pure functions the caller jits (on a mesh too: they are per-example, so inputs split
+over a data axis give the single-device adversarial examples). FGSM and PGD come in two forms:
 
 * a generic form over any differentiable ``loss_of_inputs(x) -> scalar`` (:func:`fgsm_from_loss`,
   :func:`pgd_from_loss`), and
@@ -17,6 +18,9 @@ for robustness influence, moves each point orthogonally across a linear decision
 
 which for gamma > 1 flips the prediction of the linear model at every point. It applies in input
 space (logistic regression) or in feature space (a network's linear head on frozen features).
+
+:func:`adversarial_evaluator` attacks a whole split in padded batches, compiled once, optionally
+split over a device mesh (``mesh=``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ __all__ = [
     "pgd",
     "linear_perturbation",
     "adversarial_accuracy",
+    "adversarial_evaluator",
 ]
 
 def _is_concrete(v) -> bool:
@@ -204,6 +209,25 @@ def linear_perturbation(x: jax.Array, kernel: jax.Array, bias: jax.Array | None 
     return x - step[:, None] * w
 
 
+def _attack(apply_fn, variables, x, y, *, eps, attack, input_range, step_size, steps, key,
+            random_start, loss_fn):
+    if attack == "fgsm":
+        return fgsm(apply_fn, variables, x, y, eps=eps, input_range=input_range, loss_fn=loss_fn)
+    if attack == "pgd":
+        step_size = 2.5 * eps / steps if step_size is None else step_size
+        return pgd(apply_fn, variables, x, y, eps=eps, step_size=step_size, steps=steps,
+                   input_range=input_range, key=key, random_start=random_start, loss_fn=loss_fn)
+    raise ValueError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
+
+
+def _correct(apply_fn, variables, x_adv, y, weight):
+    """[B] float 0/1 correctness on x_adv, times the 0/1 mask of nonzero weights."""
+    logits, _ = apply_fn(variables, x_adv, train=False)
+    correct = (jnp.argmax(losses.class_logits(logits), -1) == y).astype(jnp.float32)
+    w = jnp.ones_like(correct) if weight is None else (weight != 0).astype(jnp.float32)
+    return correct, w
+
+
 def adversarial_accuracy(apply_fn, variables, x: jax.Array, y: jax.Array, *, eps: float,
                          attack: str = "fgsm", weight: jax.Array | None = None,
                          input_range=(0.0, 1.0), step_size: float | None = None, steps: int = 10,
@@ -220,15 +244,69 @@ def adversarial_accuracy(apply_fn, variables, x: jax.Array, y: jax.Array, *, eps
     Returns:
       Scalar accuracy in [0, 1].
     """
-    if attack == "fgsm":
-        x_adv = fgsm(apply_fn, variables, x, y, eps=eps, input_range=input_range, loss_fn=loss_fn)
-    elif attack == "pgd":
-        step_size = 2.5 * eps / steps if step_size is None else step_size
-        x_adv = pgd(apply_fn, variables, x, y, eps=eps, step_size=step_size, steps=steps,
-                    input_range=input_range, key=key, random_start=random_start, loss_fn=loss_fn)
-    else:
-        raise ValueError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
-    logits, _ = apply_fn(variables, x_adv, train=False)
-    correct = (jnp.argmax(losses.class_logits(logits), -1) == y).astype(jnp.float32)
-    w = jnp.ones_like(correct) if weight is None else (weight != 0).astype(jnp.float32)
+    x_adv = _attack(apply_fn, variables, x, y, eps=eps, attack=attack, input_range=input_range,
+                    step_size=step_size, steps=steps, key=key, random_start=random_start,
+                    loss_fn=loss_fn)
+    correct, w = _correct(apply_fn, variables, x_adv, y, weight)
     return losses.weighted_mean(correct, w)
+
+
+def adversarial_evaluator(apply_fn, *, eps: float, attack: str = "fgsm", input_range=(0.0, 1.0),
+                          step_size: float | None = None, steps: int = 10,
+                          random_start: bool = False, loss_fn=losses.cross_entropy,
+                          batch_size: int = 1024, mesh=None, axis: str | None = None):
+    """White-box FGSM / PGD accuracy over a whole split, compiled once, optionally on a mesh.
+
+    The split is walked in padded batches of a static size (weight-0 padding rows are not counted,
+    :func:`jaxunlearn.evaluation.accumulate`); with ``mesh`` each batch is split over the data axis
+    and the attack, being per-example, gives the single-device adversarial inputs. Batch j's PGD
+    random start is drawn with ``fold_in(key, j)``::
+
+        ev = attacks.adversarial_evaluator(model.apply, eps=8 / 255, attack="pgd", steps=10,
+                                           random_start=True, mesh=sharding.data_mesh())
+        ev(variables, ds.test, key=key)          # {"accuracy": ..., "n": ...}
+
+    Args:
+      apply_fn, eps, attack, input_range, step_size, steps, random_start, loss_fn: as
+        :func:`adversarial_accuracy`.
+      batch_size: samples per attacked batch (rounded up to a multiple of the data-axis size).
+      mesh: optional :class:`jax.sharding.Mesh` (e.g. :func:`jaxunlearn.sharding.data_mesh`).
+      axis: its data axis (default ``"data"`` or its only axis).
+
+    Returns:
+      ``evaluate(variables, split, *, key=None) -> {"accuracy": float, "n": int}``.
+    """
+    from jaxunlearn import evaluation  # evaluation does not import attacks; keep the import local
+
+    if attack not in ("fgsm", "pgd"):
+        raise ValueError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
+    _check_eps(eps, input_range)
+    if int(steps) < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+
+    def step(stats, args, batch):
+        variables, key = args
+        x_adv = _attack(apply_fn, variables, batch["x"], batch["y"], eps=eps, attack=attack,
+                        input_range=input_range, step_size=step_size, steps=int(steps),
+                        key=jax.random.fold_in(key, stats["batches"]),
+                        random_start=random_start, loss_fn=loss_fn)
+        correct, w = _correct(apply_fn, variables, x_adv, batch["y"], batch["weight"])
+        return {"correct": stats["correct"] + jnp.sum(correct * w), "count": stats["count"] + jnp.sum(w),
+                "batches": stats["batches"] + 1}
+
+    jitted = jax.jit(step)
+
+    def evaluate(variables, split, *, key: jax.Array | None = None) -> dict:
+        if random_start and key is None:
+            raise ValueError("random_start=True needs key= (each batch's start is drawn from it)")
+        key = jax.random.key(0) if key is None else key
+        stats = {"correct": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.float32),
+                 "batches": jnp.zeros((), jnp.int32)}
+        stats = evaluation.accumulate(jitted, stats, (variables, key), split, batch_size=batch_size,
+                                      mesh=mesh, axis=axis, keys=("x", "y"))
+        n = float(stats["count"])
+        if n == 0:
+            raise ValueError("no sample with a nonzero weight was attacked")
+        return {"accuracy": float(stats["correct"]) / n, "n": int(n)}
+
+    return evaluate

@@ -13,6 +13,16 @@ result to float rounding::
 
 The library never picks a mesh itself (DESIGN.md); drivers call these helpers. Multi-host runs
 call ``jax.distributed.initialize()`` first; each process then passes its own slice of the batch.
+
+**FSDP-style parameters.** For models too large to replicate (ResNet-50, ViT-B and up), a 2-D mesh
+``data x model`` (:func:`mesh_2d`) keeps the batch split over ``data`` while every large leaf is
+split over ``model`` along one of its dimensions (:func:`fsdp_shardings`); small leaves stay
+replicated. XLA all-gathers each sharded leaf where it is used and reduce-scatters its gradient,
+so a step computes the same values as the replicated one (float rounding apart)::
+
+    mesh = sharding.mesh_2d(data=2, model=4)
+    variables = sharding.place(variables, sharding.fsdp_shardings(variables, mesh))
+    batch = sharding.shard_batch(batch, mesh, axis="data")
 """
 
 from __future__ import annotations
@@ -24,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["data_mesh", "shard_batch", "replicate", "pad_batch"]
+__all__ = ["data_mesh", "mesh_2d", "shard_batch", "replicate", "pad_batch", "fsdp_spec",
+           "fsdp_shardings", "place"]
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None, axis: str = "data") -> Mesh:
@@ -37,6 +48,22 @@ def data_mesh(devices: Sequence[jax.Device] | None = None, axis: str = "data") -
     if not devices:
         raise ValueError("data_mesh needs at least one device")
     return Mesh(np.asarray(devices, dtype=object), (axis,), axis_types=(AxisType.Auto,))
+
+
+def mesh_2d(*, data: int, model: int, devices: Sequence[jax.Device] | None = None,
+            axes: tuple[str, str] = ("data", "model")) -> Mesh:
+    """A ``data x model`` mesh (both axes ``AxisType.Auto``) over the first ``data * model`` devices.
+
+    Raises:
+      ValueError: ``data * model`` is not positive or exceeds the number of devices.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    n = int(data) * int(model)
+    if int(data) < 1 or int(model) < 1 or n > len(devices):
+        raise ValueError(f"mesh_2d(data={data}, model={model}) needs {n} devices, "
+                         f"{len(devices)} are available")
+    grid = np.asarray(devices[:n], dtype=object).reshape(int(data), int(model))
+    return Mesh(grid, tuple(axes), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
 def _axis(mesh: Mesh, axis: str | None) -> str:
@@ -134,3 +161,54 @@ def shard_batch(batch: dict, mesh: Mesh, *, axis: str | None = None, pad: bool =
 def replicate(tree, mesh: Mesh):
     """Place every leaf of ``tree`` (parameters, vectors) fully replicated on ``mesh``."""
     return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def fsdp_spec(shape: Sequence[int], shards: int, *, axis: str = "model",
+              min_size: int = 2 ** 16) -> P:
+    """The ``PartitionSpec`` of one leaf under :func:`fsdp_shardings`.
+
+    A leaf with at least ``min_size`` elements is split over ``axis`` along its largest dimension
+    divisible by ``shards`` (the last such one on ties, e.g. a conv kernel's output channels);
+    anything else (small leaves, scalars, no divisible dimension) is replicated, ``P()``.
+    """
+    shape = tuple(int(d) for d in shape)
+    if shards <= 1 or not shape or int(np.prod(shape)) < int(min_size):
+        return P()
+    best = None
+    for i, d in enumerate(shape):
+        if d % shards == 0 and (best is None or d >= shape[best]):
+            best = i
+    if best is None:
+        return P()
+    return P(*([None] * best + [axis]))
+
+
+def fsdp_shardings(tree, mesh: Mesh, *, axis: str = "model", min_size: int = 2 ** 16):
+    """FSDP-style ``NamedSharding`` s for a pytree of arrays (parameters, variables, optimizer
+    state): large leaves split over the mesh axis ``axis``, the rest replicated (:func:`fsdp_spec`).
+
+    The choice depends only on a leaf's shape, so a parameter and its optimizer moments (same
+    shape) are split alike. Place the tree with :func:`place` (or ``jax.device_put``) and shard
+    batches over the other (data) axis with :func:`shard_batch`.
+
+    Args:
+      tree: pytree of arrays or ``jax.ShapeDtypeStruct`` s.
+      mesh: a mesh with ``axis`` among its axes, e.g. :func:`mesh_2d`.
+      axis: the mesh axis the parameters are split over.
+      min_size: leaves with fewer elements stay replicated (the gather costs more than it saves).
+
+    Returns:
+      A pytree like ``tree`` of :class:`~jax.sharding.NamedSharding`.
+
+    Raises:
+      ValueError: ``axis`` is not an axis of ``mesh``.
+    """
+    axis = _axis(mesh, axis)
+    shards = int(mesh.shape[axis])
+    return jax.tree.map(lambda a: NamedSharding(mesh, fsdp_spec(getattr(a, "shape", np.shape(a)), shards,
+                                                                 axis=axis, min_size=min_size)), tree)
+
+
+def place(tree, shardings):
+    """``jax.device_put`` of ``tree`` with a matching pytree of shardings (or one sharding)."""
+    return jax.device_put(tree, shardings)
