@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxunlearn import losses
+from jaxunlearn.models.api import as_apply
 
 __all__ = [
     "fgsm_from_loss",
@@ -129,7 +130,7 @@ def pgd_from_loss(loss_of_inputs: Callable[[jax.Array], jax.Array], x: jax.Array
 
 def _model_loss(apply_fn, variables, y, loss_fn):
     def loss_of_inputs(x):
-        logits, _ = apply_fn(variables, x, train=False)
+        logits, _ = as_apply(apply_fn)(variables, x, train=False)
         return jnp.sum(loss_fn(logits, y))
 
     return loss_of_inputs
@@ -222,7 +223,7 @@ def _attack(apply_fn, variables, x, y, *, eps, attack, input_range, step_size, s
 
 def _correct(apply_fn, variables, x_adv, y, weight):
     """[B] float 0/1 correctness on x_adv, times the 0/1 mask of nonzero weights."""
-    logits, _ = apply_fn(variables, x_adv, train=False)
+    logits, _ = as_apply(apply_fn)(variables, x_adv, train=False)
     correct = (jnp.argmax(losses.class_logits(logits), -1) == y).astype(jnp.float32)
     w = jnp.ones_like(correct) if weight is None else (weight != 0).astype(jnp.float32)
     return correct, w

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxunlearn import losses
 from jaxunlearn.data.batching import batch_plan, split_size
+from jaxunlearn.models.api import as_apply
 
 __all__ = ["Metric", "Evaluator", "evaluator", "evaluate", "accuracy", "confusion", "predict",
            "padded_batches", "accumulate", "check_labels"]
@@ -192,7 +193,7 @@ def evaluator(apply_fn, metrics: Mapping[str, Metric], *, batch_size: int = 1024
 
     def forward(variables, batch):
         kw = {"capture_norm": True} if capture else {}
-        logits, aux = apply_fn(variables, batch["x"], train=False, **kw)
+        logits, aux = as_apply(apply_fn)(variables, batch["x"], train=False, **kw)
         out = {"logits": logits, "features": aux.get("features", logits)}
         if capture:
             out["norm"] = aux.get("norm") or {}
@@ -221,7 +222,7 @@ def predict(apply_fn, variables, x, *, batch_size: int = 1024, mesh: Mesh | None
 
     @jax.jit
     def forward(variables, xb):
-        logits, aux = apply_fn(variables, xb, train=False)
+        logits, aux = as_apply(apply_fn)(variables, xb, train=False)
         return logits, aux.get("features", logits)
 
     place = _placer(mesh, axis)

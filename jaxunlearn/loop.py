@@ -69,6 +69,8 @@ class Program(NamedTuple):
       step: the jitted ``step(variables, state, batches, key)`` (streamed sets: one update a call).
       mesh: the mesh it runs on, or None (one device).
       axis: the data axis of ``mesh``.
+      layout: ``tree -> shardings`` of ``(variables, state)`` on ``mesh`` (None: replicated),
+        e.g. ``functools.partial(sharding.fsdp_shardings, mesh=mesh)``.
     """
 
     method: Method
@@ -76,6 +78,7 @@ class Program(NamedTuple):
     step: Callable
     mesh: Mesh | None
     axis: str | None
+    layout: Callable | None = None
 
 
 def primary_set(method: Method) -> str | None:
@@ -193,7 +196,12 @@ def _constrain(batch: dict, mesh: Mesh | None, axis: str | None) -> dict:
     return {k: jax.lax.with_sharding_constraint(v, spec) for k, v in batch.items()}
 
 
-def _make_epoch(method: Method, mesh: Mesh | None, axis: str | None):
+def _keep(carry, layout):
+    """Hold ``(variables, state)`` in ``layout`` (FSDP) across the steps of a compiled epoch."""
+    return carry if layout is None else jax.lax.with_sharding_constraint(carry, layout(carry))
+
+
+def _make_epoch(method: Method, mesh: Mesh | None, axis: str | None, layout=None):
     uses, update = tuple(method.uses), method.update
 
     def epoch_fn(variables, state, data, plan, epoch, key):
@@ -211,7 +219,7 @@ def _make_epoch(method: Method, mesh: Mesh | None, axis: str | None):
                 v, s = c
                 v, s, metrics = update(v, s, batches, jax.random.fold_in(key, s.step))
                 traced["metrics"] = metrics
-                return (v, s), metrics
+                return _keep((v, s), layout), metrics
 
             def skip(c):  # a padding row: nothing moves (metric shapes from step's trace)
                 metrics = traced["metrics"] if "metrics" in traced else jax.eval_shape(step, c)[1]
@@ -225,12 +233,14 @@ def _make_epoch(method: Method, mesh: Mesh | None, axis: str | None):
     return epoch_fn
 
 
-def _make_step(method: Method, mesh: Mesh | None, axis: str | None):
+def _make_step(method: Method, mesh: Mesh | None, axis: str | None, layout=None):
     update = method.update
 
     def step_fn(variables, state, batches, key):
         batches = {name: _constrain(b, mesh, axis) for name, b in batches.items()}
-        return update(variables, state, batches, jax.random.fold_in(key, state.step))
+        variables, state, metrics = update(variables, state, batches, jax.random.fold_in(key, state.step))
+        variables, state = _keep((variables, state), layout)
+        return variables, state, metrics
 
     return step_fn
 
@@ -245,15 +255,23 @@ def _data_axis(mesh: Mesh | None, axis: str | None) -> str | None:
     return axis
 
 
-def compile(method: Method, *, mesh: Mesh | None = None, axis: str | None = None) -> Program:  # noqa: A001
-    """Jit ``method``'s epoch once (on ``mesh``'s ``axis`` when given); reuse it across runs."""
+def compile(method: Method, *, mesh: Mesh | None = None, axis: str | None = None,  # noqa: A001
+            layout: Callable | None = None) -> Program:
+    """Jit ``method``'s epoch once (on ``mesh``'s ``axis`` when given); reuse it across runs.
+
+    ``layout`` (with ``mesh``): ``tree -> shardings`` of ``(variables, state)``, e.g.
+    ``functools.partial(sharding.fsdp_shardings, mesh=mesh)`` for FSDP-style parameters;
+    default replicated."""
     if isinstance(method, Program):
         return method
     if not isinstance(method, Method):
         raise ValueError(f"expected a jaxunlearn.methods.Method, got {type(method).__name__}")
+    if layout is not None and mesh is None:
+        raise ValueError("layout= needs mesh=")
     axis = _data_axis(mesh, axis)
-    return Program(method, jax.jit(_make_epoch(method, mesh, axis), donate_argnums=(0, 1)),
-                   jax.jit(_make_step(method, mesh, axis), donate_argnums=(0, 1)), mesh, axis)
+    return Program(method, jax.jit(_make_epoch(method, mesh, axis, layout), donate_argnums=(0, 1)),
+                   jax.jit(_make_step(method, mesh, axis, layout), donate_argnums=(0, 1)), mesh, axis,
+                   layout)
 
 
 def _device_sets(sets: Mapping[str, Mapping], uses, mesh: Mesh | None) -> dict:
@@ -382,7 +400,9 @@ def run(method: Method | Program, variables, sets: Mapping[str, Mapping], *, epo
             start, start_step = int(meta.get("epoch", len(history))), int(meta.get("step", 0))
             partial = list(meta.get("partial", []))
     if mesh is not None:
-        variables, state = jax.device_put((variables, state), NamedSharding(mesh, P()))
+        layout = program.layout((variables, state)) if program.layout is not None \
+            else NamedSharding(mesh, P())
+        variables, state = jax.device_put((variables, state), layout)
     # the epoch donates its inputs: copies keep the caller's arrays (and any aliased shard) valid
     variables, state = jax.tree.map(jnp.copy, (variables, state))
 

@@ -307,3 +307,36 @@ def test_streamed_run_on_a_mesh_equals_single_device():
     one, _, _ = loop.run(trainer, V0, {"train": {"x": X, "y": Y}}, **kw)
     many, _, _ = loop.run(trainer, V0, {"train": src}, mesh=mesh, **kw)
     _close(one, many, atol=1e-6)
+
+
+def test_fsdp_layout_through_the_loop_equals_single_device():
+    import functools
+
+    mesh = sharding.mesh_2d(data=2, model=4)
+    model = models.mlp(D, K, hidden=(16,))
+    v0 = model.init(jax.random.key(0), X[:1])
+    trainer = M.train(model.apply, optax.adam(0.05))
+    kw = dict(epochs=2, batch_size=8, key=jax.random.key(3), progress=False)
+    one, _, _ = loop.run(trainer, v0, {"train": {"x": X, "y": Y}}, **kw)
+    layout = functools.partial(sharding.fsdp_shardings, mesh=mesh, min_size=16)
+    program = loop.compile(trainer, mesh=mesh, layout=layout)
+    many, state, _ = loop.run(program, v0, {"train": {"x": X, "y": Y}}, **kw)
+    _close(one, many, atol=1e-5)
+    kernel = many["params"]["dense_0"]["kernel"]                  # [3, 16]: split over "model"
+    assert not kernel.sharding.is_fully_replicated
+    with pytest.raises(ValueError, match="layout= needs mesh="):
+        loop.compile(trainer, layout=layout)
+
+
+def test_preparatory_passes_on_a_mesh_equal_single_device():
+    mesh = sharding.data_mesh()
+    split = {"x": X, "y": Y}
+    f1 = M.fisher_diagonal(APPLY, V1, split, batch_size=8)
+    f8 = M.fisher_diagonal(APPLY, V1, split, batch_size=8, mesh=mesh)
+    _close(f1, f8, atol=1e-6)
+    g1 = M.retain_gradient(APPLY, V1, split, l2=0.1)
+    g8 = M.retain_gradient(APPLY, V1, split, l2=0.1, mesh=mesh)
+    _close(g1, g8, atol=1e-6)
+    forget = {"x": X[:8], "y": Y[:8], "weight": -np.ones(8, np.float32)}
+    _close(M.forget_gradient(APPLY, V1, forget), M.forget_gradient(APPLY, V1, forget, mesh=mesh),
+           atol=1e-5)

@@ -2,8 +2,8 @@
 
 The oracle is cross-framework agreement: one network (Dense -> LayerNorm -> tanh -> Dense) written
 four ways and started from the same parameters must give the same logits, features and
-normalisation outputs, the same training trajectory through ``train.fit``, the same unlearning
-trajectory through ``methods.run_method`` and the same influence scores (scores are invariant to
+normalisation outputs, the same training trajectory through ``loop.run(methods.train(...))``, the
+same unlearning trajectory through ``loop.run`` of a method and the same influence scores (scores are invariant to
 the Equinox weight layout, a transpose).
 """
 
@@ -15,7 +15,9 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxunlearn import influence, methods, models, train
+from typing import NamedTuple
+
+from jaxunlearn import evaluation, influence, loop, methods, models, weights
 
 eqx = pytest.importorskip("equinox")
 
@@ -156,14 +158,27 @@ def p_linen(four):
 
 # --- through the library: fit, an unlearning method, influence -------------------------------
 
-def _fit(model, p, split, *, weight=None, epochs=3):
-    tx = optax.adam(1e-2)
+class _Trained(NamedTuple):
+    variables: dict
+
+    @property
+    def params(self):
+        return self.variables["params"]
+
+    @property
+    def model_state(self):
+        return {k: v for k, v in self.variables.items() if k != "params"}
+
+
+def _fit(model, p, split, *, weight=None, epochs=3, batch_size=16, key=3, tx=None):
+    tx = tx or optax.adam(1e-2)
     model_state = {k: v for k, v in model.init(jax.random.key(0), jnp.asarray(split["x"][:1])).items()
                    if k != "params"}
-    state = train.TrainState(jnp.zeros((), jnp.int32), p, model_state, tx.init(p))
-    step = train.make_train_step(model.apply, tx, l2=1e-3)
-    return train.fit(state, step, split, batch_size=16, epochs=epochs, key=jax.random.key(3),
-                     weight=weight, progress=False)
+    split = split if weight is None else {**split, "weight": weight}
+    variables, _, hist = loop.run(methods.train(model.apply, tx, l2=1e-3), {"params": p, **model_state},
+                                  {"train": split}, batch_size=batch_size, epochs=epochs,
+                                  key=jax.random.key(key), progress=False)
+    return _Trained(variables), hist
 
 
 @pytest.fixture(scope="module")
@@ -181,20 +196,19 @@ def test_fit_same_trajectory(four, trained):
                                    rtol=1e-5, err_msg=kind)
         _allclose(four[kind][2](state.params), ref_state.params, tol=1e-4)
         # evaluation and prediction through the same contract
-        ev = train.evaluate(four[kind][0].apply, state.variables, _data(12, seed=1))
-        ev_ref = train.evaluate(four["linen"][0].apply, ref_state.variables, _data(12, seed=1))
+        ev = evaluation.evaluate(four[kind][0].apply, state.variables, _data(12, seed=1))
+        ev_ref = evaluation.evaluate(four["linen"][0].apply, ref_state.variables, _data(12, seed=1))
         np.testing.assert_allclose(ev["loss"], ev_ref["loss"], rtol=1e-4, err_msg=kind)
 
 
 def test_unlearning_method_same_trajectory(four, trained):
     data = _data()
-    forget = {k: v[:8] for k, v in data.items()}
-    retain = {k: v[8:] for k, v in data.items()}
+    sets = weights.unlearning_sets(data, weights.removal_eps(len(data["y"]), np.arange(8)))
     out = {}
     for kind in KINDS:
         model, _, back = four[kind]
-        variables, _, hist = methods.run_method(
-            methods.neggrad_plus(model.apply), trained[kind][0].variables, forget, retain,
+        variables, _, hist = loop.run(
+            methods.neggrad_plus(model.apply), trained[kind][0].variables, sets,
             epochs=2, batch_size=8, key=jax.random.key(4), progress=False)
         out[kind] = (back(variables["params"]), [h["loss"] for h in hist])
     for kind in KINDS:
@@ -298,14 +312,12 @@ def test_equinox_batchnorm_state():
     _allclose(logits_e, logits, tol=1e-4)
     assert aux_e["model_state"] == {}
     # and through fit (a batch size dividing n: Equinox BatchNorm does not take the mask)
-    tx = optax.adam(1e-2)
-    state = train.create_train_state(model, tx, jax.random.key(0), x[:1])
-    step = train.make_train_step(model.apply, tx)
-    state2, hist = train.fit(state, step, _data(), batch_size=8, epochs=2, key=jax.random.key(1),
-                             progress=False)
+    start = model.init(jax.random.key(0), x[:1])
+    state2, hist = _fit(model, start["params"], _data(), epochs=2, batch_size=8, key=1)
     assert hist[-1]["loss"] < hist[0]["loss"] + 1e-3
-    assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(state.model_state),
-                                                     jax.tree.leaves(state2.model_state)))
+    assert not all(np.allclose(a, b) for a, b in zip(
+        jax.tree.leaves({k: v for k, v in start.items() if k != "params"}),
+        jax.tree.leaves(state2.model_state)))
 
 
 # --- as_apply: a user's own apply --------------------------------------------------------------
@@ -339,14 +351,14 @@ def test_as_apply_normalises_a_users_apply():
     linen = models.from_linen(LinenNet(), (D,), K)
     assert models.as_apply(linen.apply) is linen.apply  # adapters already meet the contract
 
-    # a raw apply through the current training step, once normalised
+    # a raw apply straight through the library's training method (it normalises the apply)
     tx = optax.sgd(0.1)
-    st = train.TrainState(jnp.zeros((), jnp.int32), p, {}, tx.init(p))
-    step = jax.jit(train.make_train_step(models.as_apply(logits_only), tx))
-    batch = {"x": x, "y": jnp.zeros(6, jnp.int32), "weight": jnp.ones(6)}
-    st2, m = step(st, batch)
-    st3, m3 = jax.jit(train.make_train_step(linen.apply, tx))(st, batch)
-    _allclose(st2.params, st3.params)
+    batch = {"train": {"x": x, "y": jnp.zeros(6, jnp.int32), "weight": jnp.ones(6)}}
+    raw = methods.train(logits_only, tx)
+    v2, _, _ = jax.jit(raw.update)({"params": p}, raw.init({"params": p}), batch, None)
+    ref_m = methods.train(linen.apply, tx)
+    v3, _, _ = jax.jit(ref_m.update)({"params": p}, ref_m.init({"params": p}), batch, None)
+    _allclose(v2["params"], v3["params"])
 
     with pytest.raises(ValueError, match=r"expected \[B, K\]"):
         models.as_apply(lambda v, x: x[:, 0])({}, x)

@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunlearn import attacks, losses
+from jaxunlearn.models.api import as_apply
 
 __all__ = [
     "AGGREGATES",
@@ -127,7 +128,7 @@ def _loss_measure(apply_fn, loss_fn, reduction, model_state, name):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
     def measure(params, batch):
-        logits, _ = apply_fn(_variables(params, model_state), batch["x"], train=False)
+        logits, _ = as_apply(apply_fn)(_variables(params, model_state), batch["x"], train=False)
         values = loss_fn(logits, batch["y"])
         w = _weight(batch, values.shape[0], values.dtype)
         if reduction == "sum":
@@ -259,7 +260,7 @@ def demographic_parity(apply_fn, *, num_groups: int = 2, aggregate: str = "signe
     _check_aggregate(aggregate, num_groups)
 
     def measure(params, batch):
-        logits, _ = apply_fn(_variables(params, model_state), batch["x"], train=False)
+        logits, _ = as_apply(apply_fn)(_variables(params, model_state), batch["x"], train=False)
         cls = _resolve_classes(classes, logits.shape[-1])
         if _concrete(batch.get(group_key), batch.get("weight")) and group_key in batch:
             validate_groups(batch, num_groups=num_groups, group_key=group_key, what="demographic_parity")
@@ -291,7 +292,7 @@ def equal_opportunity(apply_fn, *, loss_fn=losses.cross_entropy, num_groups: int
     _check_aggregate(aggregate, num_groups)
 
     def measure(params, batch):
-        logits, _ = apply_fn(_variables(params, model_state), batch["x"], train=False)
+        logits, _ = as_apply(apply_fn)(_variables(params, model_state), batch["x"], train=False)
         cls = _resolve_classes(classes, logits.shape[-1])
         if _concrete(batch.get(group_key), batch.get("weight"), batch["y"]) and group_key in batch:
             validate_groups(batch, num_groups=num_groups, classes=cls, group_key=group_key,

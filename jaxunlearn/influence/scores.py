@@ -49,6 +49,7 @@ from jaxunlearn.influence import grads as _grads
 from jaxunlearn.influence import hvp as _hvp
 from jaxunlearn.influence import solvers as _solvers
 from jaxunlearn.influence.solvers import DenseFactor, Direct, LinearOperator, Solver
+from jaxunlearn.models.api import as_apply
 
 __all__ = [
     "Problem",
@@ -150,7 +151,7 @@ def model_loss(apply_fn, *, loss_fn=losses.cross_entropy, model_state: dict | No
     """Per-example loss ``loss(params, batch) -> [B]`` of a model in eval mode (for :func:`make_problem`)."""
 
     def loss(params, batch):
-        logits, _ = apply_fn({"params": params, **(model_state or {})}, batch["x"], train=False)
+        logits, _ = as_apply(apply_fn)({"params": params, **(model_state or {})}, batch["x"], train=False)
         return loss_fn(logits, batch["y"])
 
     return loss

@@ -58,6 +58,7 @@ import optax
 
 from jaxunlearn import losses, subsets
 from jaxunlearn.subsets import Subset, put, take
+from jaxunlearn.models.api import as_apply
 
 __all__ = [
     "Method",
@@ -154,14 +155,14 @@ def _keep_frozen_state(new_state: dict, old_state: dict, subset: Subset | None) 
 
 def forward(apply_fn, params, model_state: dict, x, weight, *, train: bool = True):
     """One forward pass: ``(logits, model_state)``; samples of weight 0 are masked out of BatchNorm."""
-    logits, aux = apply_fn({"params": params, **model_state}, x, train=train, mask=weight != 0)
+    logits, aux = as_apply(apply_fn)({"params": params, **model_state}, x, train=train, mask=weight != 0)
     new_state = aux.get("model_state") or {}
     return logits, (new_state if (train and new_state) else model_state)
 
 
 def eval_logits(apply_fn, variables, x):
     """Logits of a frozen model in eval mode (teachers, the original model), gradient-stopped."""
-    logits, _ = apply_fn(jax.lax.stop_gradient(variables), x, train=False)
+    logits, _ = as_apply(apply_fn)(jax.lax.stop_gradient(variables), x, train=False)
     return jax.lax.stop_gradient(logits)
 
 

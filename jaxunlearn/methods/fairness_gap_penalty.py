@@ -50,6 +50,7 @@ import optax
 
 from jaxunlearn.methods import base
 from jaxunlearn.metrics.fairness_gap import fairness_gap_init, fairness_gap_update
+from jaxunlearn.models.api import as_apply
 
 __all__ = [
     "TARGETS",
@@ -185,8 +186,8 @@ def penalty_loss(apply_fn, params, model_state: dict, reference_variables, batch
     Returns:
       ``(R, diagnostics)`` as :func:`fairness_gap_penalty`.
     """
-    _, aux = apply_fn({"params": params, **model_state}, batch["x"], train=False, capture_norm=True)
-    _, aux0 = apply_fn(jax.lax.stop_gradient(reference_variables), batch["x"], train=False,
+    _, aux = as_apply(apply_fn)({"params": params, **model_state}, batch["x"], train=False, capture_norm=True)
+    _, aux0 = as_apply(apply_fn)(jax.lax.stop_gradient(reference_variables), batch["x"], train=False,
                        capture_norm=True)
     norm, norm0 = aux.get("norm"), aux0.get("norm")
     _check_norm(norm, "penalty_loss")

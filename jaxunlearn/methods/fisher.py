@@ -33,6 +33,7 @@ import numpy as np
 from jaxunlearn import evaluation, loop, losses
 from jaxunlearn import subsets
 from jaxunlearn.methods import base
+from jaxunlearn.models.api import as_apply
 
 __all__ = ["fisher_diagonal", "retain_gradient", "newton_step_size", "fisher_forgetting"]
 
@@ -52,7 +53,7 @@ def _fisher_batch(apply_fn, selected, params, model_state, x, w):
     def per_example(xi):
         def log_p(train_leaves):
             p = _with_leaves(all_leaves, treedef, selected, train_leaves)
-            logits, _ = apply_fn({"params": p, **model_state}, xi[None], train=False)
+            logits, _ = as_apply(apply_fn)({"params": p, **model_state}, xi[None], train=False)
             return jax.nn.log_softmax(losses.class_logits(logits), axis=-1)[0]
 
         jac = jax.jacrev(log_p)(leaves)  # per leaf [K, *leaf.shape]
@@ -63,7 +64,8 @@ def _fisher_batch(apply_fn, selected, params, model_state, x, w):
     return [jnp.tensordot(w, a, axes=1) for a in per]
 
 
-def fisher_diagonal(apply_fn, variables, retain: dict, *, batch_size: int = 32, trainable=None):
+def fisher_diagonal(apply_fn, variables, retain: dict, *, batch_size: int = 32, trainable=None,
+                    mesh=None):
     """The weighted diagonal Fisher of the retain set, a pytree like ``variables["params"]``.
 
     Args:
@@ -73,6 +75,7 @@ def fisher_diagonal(apply_fn, variables, retain: dict, *, batch_size: int = 32, 
       batch_size: samples per vectorised batch (memory ~ batch_size x classes x parameters).
       trainable: optional bool mask; the Fisher is computed only on leaves with a True element,
         the other leaves are NaN (so that using them is an error, not a silent zero).
+      mesh: optional device mesh: batches split over its data axis (:mod:`jaxunlearn.evaluation`).
     """
     params, model_state = base.split_model_state(variables)
     selected, leaves_all, treedef = _selected(params, trainable)
@@ -85,7 +88,7 @@ def fisher_diagonal(apply_fn, variables, retain: dict, *, batch_size: int = 32, 
 
     total = evaluation.accumulate(step, [jnp.zeros_like(leaves_all[i]) for i in selected],
                                   (params, model_state), retain, batch_size=min(batch_size, count),
-                                  keys=("x",))
+                                  keys=("x",), mesh=mesh)
     out = [jnp.full_like(l, jnp.nan) for l in leaves_all]
     for i, t in zip(selected, total):
         out[i] = t / count
@@ -98,7 +101,7 @@ def _objective_batch(apply_fn, selected, params, model_state, x, y, w):
 
     def loss(train_leaves):
         p = _with_leaves(all_leaves, treedef, selected, train_leaves)
-        logits, _ = apply_fn({"params": p, **model_state}, x, train=False)
+        logits, _ = as_apply(apply_fn)({"params": p, **model_state}, x, train=False)
         return jnp.sum(w * losses.cross_entropy(logits, y))
 
     return jax.value_and_grad(loss)([all_leaves[i] for i in selected])
@@ -118,7 +121,7 @@ def _selected(params, trainable):
     return (tuple(range(len(leaves_all))) if subset is None else subset.selected), leaves_all, treedef
 
 
-def _retain_objective(apply_fn, variables, retain, l2, batch_size, trainable):
+def _retain_objective(apply_fn, variables, retain, l2, batch_size, trainable, mesh=None):
     """Value and gradient (selected leaves, NaN elsewhere) of the weighted retain objective."""
     base.check_positive("l2", l2, allow_zero=True)
     params, model_state = base.split_model_state(variables)
@@ -132,7 +135,7 @@ def _retain_objective(apply_fn, variables, retain, l2, batch_size, trainable):
 
     value, total = evaluation.accumulate(
         step, (jnp.zeros(()), [jnp.zeros_like(leaves_all[i]) for i in selected]),
-        (params, model_state), retain, batch_size=min(batch_size, count), keys=("x", "y"))
+        (params, model_state), retain, batch_size=min(batch_size, count), keys=("x", "y"), mesh=mesh)
     penalty = sum(jnp.sum(jnp.square(l)) for l in leaves_all)
     out = [jnp.full_like(l, jnp.nan) for l in leaves_all]
     for i, t in zip(selected, total):
@@ -141,7 +144,7 @@ def _retain_objective(apply_fn, variables, retain, l2, batch_size, trainable):
 
 
 def retain_gradient(apply_fn, variables, retain: dict, *, l2: float = 0.0, batch_size: int = 1024,
-                    trainable=None):
+                    trainable=None, mesh=None):
     """Gradient at ``variables`` of the weighted retain objective, for the Newton step.
 
     The objective is ``weighted_mean_i(CE_i, w_i) + (l2/2) ||theta||^2`` in eval mode (the
@@ -155,8 +158,9 @@ def retain_gradient(apply_fn, variables, retain: dict, *, l2: float = 0.0, batch
       l2: the L2 coefficient the model was trained with.
       batch_size: samples per batch.
       trainable: optional bool mask of the parameters to differentiate.
+      mesh: optional device mesh: batches split over its data axis.
     """
-    return _retain_objective(apply_fn, variables, retain, l2, batch_size, trainable)[1]
+    return _retain_objective(apply_fn, variables, retain, l2, batch_size, trainable, mesh)[1]
 
 
 def newton_step_size(apply_fn, variables, retain: dict, fisher, newton_grad, *, l2: float = 0.0,

@@ -46,6 +46,7 @@ from jaxunlearn import losses
 from jaxunlearn import subsets
 from jaxunlearn.influence.update import influence_step
 from jaxunlearn.methods import base
+from jaxunlearn.models.api import as_apply
 
 __all__ = ["influence_unlearning"]
 
@@ -115,7 +116,7 @@ def influence_unlearning(apply_fn, inverse_hvp: Callable[..., Any], *, num_train
 
         def objective(train_leaves, chunk):
             p = subsets.put(params, subset, train_leaves)
-            logits, _ = apply_fn({"params": p, **model_state}, chunk["x"], train=False)
+            logits, _ = as_apply(apply_fn)({"params": p, **model_state}, chunk["x"], train=False)
             return jnp.sum(chunk["weight"] * loss_fn(logits, chunk["y"]))
 
         g = _chunked_weighted_grad(objective, leaves, {"x": fb["x"], "y": fb["y"],

@@ -80,6 +80,7 @@ from jaxunlearn import losses
 from jaxunlearn import mutual_information as mi
 from jaxunlearn import subsets
 from jaxunlearn.methods import base
+from jaxunlearn.models.api import as_apply
 
 __all__ = ["miu", "check_estimators", "cell_onehot"]
 
@@ -95,13 +96,13 @@ def cell_onehot(y, s, *, num_classes: int, num_sensitive: int) -> jax.Array:
 
 def _features(apply_fn, variables, x):
     """Eval-mode penultimate features [B, F] of a frozen model, gradient-stopped."""
-    _, aux = apply_fn(jax.lax.stop_gradient(variables), x, train=False)
+    _, aux = as_apply(apply_fn)(jax.lax.stop_gradient(variables), x, train=False)
     return jax.lax.stop_gradient(aux["features"].reshape(x.shape[0], -1))
 
 
 def _forward(apply_fn, params, model_state, x, weight):
     """Train-mode pass: ``(logits, features [B, F], model_state)``; weight-0 rows masked from BN."""
-    logits, aux = apply_fn({"params": params, **model_state}, x, train=True, mask=weight != 0)
+    logits, aux = as_apply(apply_fn)({"params": params, **model_state}, x, train=True, mask=weight != 0)
     new_state = aux.get("model_state") or {}
     return logits, aux["features"].reshape(x.shape[0], -1), (new_state if new_state else model_state)
 

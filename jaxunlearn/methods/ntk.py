@@ -37,6 +37,7 @@ from jaxunlearn import losses
 from jaxunlearn import subsets
 from jaxunlearn.methods import base
 from jaxunlearn.methods.random_labels import concat_batches
+from jaxunlearn.models.api import as_apply
 
 __all__ = ["ntk_forgetting", "ntk_weights"]
 
@@ -132,7 +133,7 @@ def ntk_forgetting(apply_fn, *, weight_decay: float = 0.1, trainable=None,
 
         def logits_of(q, xi):
             p = subsets.put(params, subset, unravel(q))
-            logits, _ = apply_fn({"params": p, **model_state}, xi[None], train=False)
+            logits, _ = as_apply(apply_fn)({"params": p, **model_state}, xi[None], train=False)
             return losses.class_logits(logits)[0]
 
         n = x.shape[0]

@@ -21,11 +21,12 @@ from jaxunlearn import evaluation, loop, losses
 from jaxunlearn import subsets
 from jaxunlearn.methods import base
 from jaxunlearn.methods.random_labels import random_labels
+from jaxunlearn.models.api import as_apply
 
 __all__ = ["saliency_mask", "forget_gradient", "salun"]
 
 
-def forget_gradient(apply_fn, variables, forget: dict, *, batch_size: int = 256):
+def forget_gradient(apply_fn, variables, forget: dict, *, batch_size: int = 256, mesh=None):
     """``g = sum_i eps_i grad CE_i`` over the forget set in eval mode (a params-like pytree).
 
     ``eps`` is ``forget["weight"]`` (:func:`jaxunlearn.weights.unlearning_sets`), so
@@ -39,18 +40,19 @@ def forget_gradient(apply_fn, variables, forget: dict, *, batch_size: int = 256)
         params, model_state = args
 
         def total(p):
-            logits, _ = apply_fn({"params": p, **model_state}, batch["x"], train=False)
+            logits, _ = as_apply(apply_fn)({"params": p, **model_state}, batch["x"], train=False)
             return jnp.sum(batch["weight"] * losses.cross_entropy(logits, batch["y"]))
 
         return jax.tree.map(jnp.add, g, jax.grad(total)(params))
 
     return evaluation.accumulate(step, jax.tree.map(jnp.zeros_like, params), (params, model_state),
                                  {**forget, "weight": w},
-                                 batch_size=min(batch_size, int(np.count_nonzero(w))), keys=("x", "y"))
+                                 batch_size=min(batch_size, int(np.count_nonzero(w))), keys=("x", "y"),
+                                 mesh=mesh)
 
 
 def saliency_mask(apply_fn, variables, forget: dict, *, threshold: float = 0.5,
-                  batch_size: int = 256, trainable=None):
+                  batch_size: int = 256, trainable=None, mesh=None):
     """SalUn's saliency mask: the top ``threshold`` fraction of ``|g|`` (:func:`forget_gradient`).
 
     Args:
@@ -61,13 +63,14 @@ def saliency_mask(apply_fn, variables, forget: dict, *, threshold: float = 0.5,
         elements are kept, N the number of ranked elements, ties broken by position.
       batch_size: batch size of the gradient pass.
       trainable: optional bool mask; only its elements are ranked (and can be kept).
+      mesh: optional device mesh for the gradient pass (batches split over its data axis).
 
     Returns:
       A pytree of numpy bool arrays with the structure of ``variables["params"]``.
     """
     if not 0.0 < float(threshold) <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    g = forget_gradient(apply_fn, variables, forget, batch_size=batch_size)
+    g = forget_gradient(apply_fn, variables, forget, batch_size=batch_size, mesh=mesh)
     leaves, treedef = jax.tree_util.tree_flatten(g)
     if trainable is None:
         allowed = [np.ones(np.shape(l), bool) for l in leaves]
