@@ -144,9 +144,16 @@ def parse_args(description: str, *, driver: str, config_cls, default_out: str, e
     p.add_argument("--fresh", action="store_true",
                    help="ignore the finished cells and checkpoints of an earlier run in --out")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--mesh", default="none", metavar="none|all|N",
+                   help="data-parallel device mesh for training and unlearning: 'all' devices, the "
+                        "first N, or 'none' (one device; default)")
     if extra is not None:
         extra(p)
     args = p.parse_args(argv)
+    try:
+        set_mesh(args.mesh)
+    except ValueError as e:
+        p.error(str(e))
     if args.config is not None and args.preset is not None:
         p.error("pass --config or --preset, not both")
     if args.config is None:
@@ -161,6 +168,34 @@ def parse_args(description: str, *, driver: str, config_cls, default_out: str, e
     except ValueError as e:
         p.error(str(e))
     return args, cfg, name
+
+
+# ----------------------------------------------------------------------------- devices
+
+MESH = None  # the drivers' data-parallel mesh (``--mesh``); None: one device
+
+
+def set_mesh(spec: str):
+    """Set :data:`MESH` from ``--mesh``: ``"none"``, ``"all"`` or a device count; logs the devices."""
+    global MESH
+    import jax
+
+    from jaxunlearn import sharding
+
+    spec = str(spec).strip().lower()
+    if spec in ("none", "0", "1", ""):
+        MESH = None
+    else:
+        devices = jax.devices()
+        count = len(devices) if spec == "all" else int(spec) if spec.isdigit() else -1
+        if not 1 <= count <= len(devices):
+            raise ValueError(f"--mesh {spec!r}: expected none, all or a device count in "
+                             f"[1, {len(devices)}]")
+        MESH = sharding.data_mesh(devices[:count])
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].platform} (process "
+          f"{jax.process_index()} of {jax.process_count()}); data mesh: "
+          f"{'none' if MESH is None else dict(MESH.shape)}", flush=True)
+    return MESH
 
 
 # ----------------------------------------------------------------------------- builders
@@ -270,7 +305,7 @@ def train_model(model, split: dict, optimizer, *, epochs: int, batch_size: int, 
     if variables is None:
         variables = model.init(init_key, np.asarray(split["x"][:1]))
     variables, _, history = loop.run(trainer, variables, {"train": split}, epochs=epochs,
-                                     batch_size=batch_size, key=key,
+                                     batch_size=batch_size, key=key, mesh=MESH,
                                      checkpoints=checkpoints, progress=progress, desc=desc)
     return variables, history
 

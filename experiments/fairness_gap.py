@@ -478,7 +478,7 @@ def run_variant(name: str, k: int | None, ctx: Context) -> dict:
     forget = ctx.splits["forget"]
     sets = {"forget": {**forget, "weight": -np.ones(data.split_size(forget), np.float32)},
             "retain": ctx.splits["retain"]}
-    variables, state, history = loop.run(method, ctx.original, sets, key=key,
+    variables, state, history = loop.run(method, ctx.original, sets, key=key, mesh=common.MESH,
                                          progress=ctx.progress, **run_kw)
     seconds = time.perf_counter() - t0
     row.update(time_s=seconds + setup, setup_s=setup, epoch_s=_steady_epoch_seconds(history),

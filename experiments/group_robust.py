@@ -315,7 +315,7 @@ class Study:
         """One compiled :class:`~jaxunlearn.loop.Program` per name and dataset, so the plain and
         reweighted runs (and the MIU variants) share one compilation."""
         if name not in self._programs:
-            self._programs[name] = loop.compile(make())
+            self._programs[name] = loop.compile(make(), mesh=common.MESH)
         return self._programs[name]
 
     def retrain(self, retain, *, weight=None, sampling=None):
@@ -334,7 +334,7 @@ class Study:
         return loop.run(method, original, {"forget": sets["forget"], "retain": sets["retain"]},
                         epochs=un["epochs"], batch_size=un["batch_size"],
                         key=jax.random.fold_in(self.key, key_id), sampling=sampling,
-                        progress=self.progress)
+                        mesh=common.MESH, progress=self.progress)
 
     def run_miu(self, original, sets, sampling, *, original_estimator_features="original",
                 estimator_updates="tuning"):
@@ -396,7 +396,7 @@ def run_cell(study: Study, original, rows, ratio: float, methods_to_run, ablatio
     def salun():  # the saliency mask depends on the forget set: one SalUn per ratio
         if not salun_program:
             mask = M.saliency_mask(apply_fn, original, sets["forget"], threshold=0.5)
-            salun_program.append(loop.compile(M.salun(apply_fn, mask)))
+            salun_program.append(loop.compile(M.salun(apply_fn, mask), mesh=common.MESH))
         return salun_program[0]
 
     miu_run = {}  # the main MIU row's run, reused by the quirk ablation

@@ -244,7 +244,7 @@ def build_methods(names, *, head, problem, cfg: Config, key) -> dict:
     unknown = [n for n in names if n not in factories and n != "Fisher"]
     if unknown:
         raise ValueError(f"unknown algorithm(s) {unknown}; choose from {sorted(factories)} or Fisher")
-    return {n: loop.compile(factories[n]()) for n in names if n != "Fisher"}
+    return {n: loop.compile(factories[n](), mesh=common.MESH) for n in names if n != "Fisher"}
 
 
 def run_algorithm(name, built: dict, *, head, train_f, eps, cfg, key, progress, l2: float):
@@ -273,7 +273,7 @@ def run_algorithm(name, built: dict, *, head, train_f, eps, cfg, key, progress, 
         sizes = {"forget": max(1, round(cfg.batch_size * n_f / max(n_r, 1)))}
     variables, _, _ = loop.run(method, {"params": head}, sets, epochs=cfg.unlearn_epochs,
                                batch_size=cfg.batch_size, batch_sizes=sizes, key=key,
-                               progress=progress)
+                               mesh=common.MESH, progress=progress)
     jax.block_until_ready(variables)
     return variables["params"], time.perf_counter() - t0
 
