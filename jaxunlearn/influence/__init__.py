@@ -53,3 +53,6 @@ __all__ = [
     "solve_cg", "solve_direct", "solve_lissa", "solve_lowrank", "ValidationResult", "validate",
     "validate_last_layer",
 ]
+
+from jaxunlearn.influence import ekfac  # noqa: E402  K-FAC / EK-FAC for deep networks
+__all__ += ["ekfac"]
