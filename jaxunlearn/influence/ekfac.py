@@ -414,7 +414,7 @@ def _check_chunk(chunk_size):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 
 
-def fit(apply: Callable, variables, batches: Mapping | Iterable[Mapping], key: jax.Array, *,
+def fit(apply: Callable, variables, batches: Mapping | Iterable[Mapping], key: jax.Array | None, *,
         layers: Sequence[Layer], loss: Callable = losses.cross_entropy, fisher: str = "sampled",
         correct: bool = True, chunk_size: int = 1024) -> Factors:
     """Fit K-FAC (``correct=False``) or EK-FAC factors over the training data (host loop, jits).
@@ -425,12 +425,16 @@ def fit(apply: Callable, variables, batches: Mapping | Iterable[Mapping], key: j
     Args:
       batches: an in-memory batch dict (split into ``chunk_size`` rows) or an iterable of batch
         dicts (iterated twice; give a sequence, not a generator, when ``correct=True``).
-      key: PRNG key; batch i of pass k uses ``fold_in(fold_in(key, k), i)``.
+      key: PRNG key (None only with ``fisher="empirical"``); batch i of pass k uses
+        ``fold_in(fold_in(key, k), i)``.
       Others as :func:`covariance_stats`.
     """
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+    if key is None and fisher == "sampled":
+        raise ValueError("fisher='sampled' draws labels from the model: pass key=jax.random.key(...)")
     layers = tuple(layers)
+    batch_key = lambda k, i: None if key is None else jax.random.fold_in(jax.random.fold_in(key, k), i)
     if isinstance(batches, Mapping):
         _check_chunk(chunk_size)
         get = lambda: (c for c, _ in _chunks(batches, chunk_size))
@@ -439,7 +443,7 @@ def fit(apply: Callable, variables, batches: Mapping | Iterable[Mapping], key: j
     cov = _JIT["cov"]
     total = None
     for i, b in enumerate(get()):
-        st = cov(apply, variables, b, jax.random.fold_in(jax.random.fold_in(key, 0), i),
+        st = cov(apply, variables, b, batch_key(0, i),
                  layers=layers, loss=loss, fisher=fisher)
         total = st if total is None else add_stats(total, st)
     if total is None:
@@ -450,7 +454,7 @@ def fit(apply: Callable, variables, batches: Mapping | Iterable[Mapping], key: j
     ev = _JIT["eig"]
     etotal = None
     for i, b in enumerate(get()):
-        st = ev(apply, variables, b, jax.random.fold_in(jax.random.fold_in(key, 1), i),
+        st = ev(apply, variables, b, batch_key(1, i),
                 layers=layers, basis=basis, loss=loss, fisher=fisher)
         etotal = st if etotal is None else add_stats(etotal, st)
     return factors(basis, etotal)
