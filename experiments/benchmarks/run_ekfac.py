@@ -36,6 +36,7 @@ def ekfac_pipeline(timer, apply, variables, layers, train, query, damping, key):
     """The only place that calls the influence API: fit EK-FAC, pairwise scores, self-influence."""
     from jaxunlearn.influence import ekfac
 
+    timer.sync = jax.block_until_ready     # each stage ends when its arrays are ready
     with timer.stage("factor") as box:
         fac = ekfac.fit(apply, variables, train, key, layers=layers, chunk_size=CHUNK)
         box.append(fac)
