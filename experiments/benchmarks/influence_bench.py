@@ -1,14 +1,17 @@
-"""Influence benchmark: jaxunlearn.influence against pyDVL, kronfluence and plain torch.func.
+"""Influence benchmark: jaxunlearn.influence against a plain-JAX baseline, pyDVL, kronfluence and torch.func.
 
     bash experiments/benchmarks/setup_peers.sh            # once: peer virtualenvs under .peers/
     python -m experiments.benchmarks.influence_bench [--workload A|B|all] [--repeats N] [--out DIR]
-                                                     [--quick] [--peers torch,pydvl,kronfluence]
+                                                     [--quick] [--peers plainjax,torch,pydvl,kronfluence]
+    python -m experiments.benchmarks.ekfac_bench [--workloads B,R] [--repeats 3]   # EK-FAC rows
 
 Every library runs in its own interpreter (the peers in their virtualenvs) on the same machine in
 the same run, on identical weights and data read from one ``.npz`` per workload (made once by
 :mod:`experiments.benchmarks.workloads`, cached under ``DIR/data``). Reported per method and stage:
-the median wall time over the repeats (jaxunlearn after ahead-of-time compilation, compile time
-separately), the ratio peer / jaxunlearn per stage (> 1: jaxunlearn faster), the relative error of
+the median wall time over the repeats (jaxunlearn and plain JAX after ahead-of-time compilation,
+compile time separately), ``stage_total`` (the sum of the pipeline stages a row reports -- per-sample
+gradients, measurement/query gradients, Hessian, factor, solve, scores, self-influence -- the same
+definition for every implementation; the stages each total includes are listed), the ratio peer / jaxunlearn per stage (> 1: jaxunlearn faster), the relative error of
 the scores against a float64 reference, and the fraction of this machine's f32 GEMM peak (measured
 in the same run with a 2048 x 2048 matmul in numpy and in JAX) implied by analytic FLOP counts.
 Writes ``DIR/results.json`` and ``DIR/report.md``. A peer whose virtualenv is missing or whose
@@ -37,11 +40,14 @@ PEERS_DIR = ROOT / ".peers"
 # (library, virtualenv, runner script, methods for A, methods for B)
 RUNNERS = [
     ("jaxunlearn", None, "run_jax.py", "direct,cg,direct_api,cg_api", "cg,arnoldi"),
+    ("plain JAX", None, "run_plainjax.py", "direct,cg", "cg"),
     ("torch.func", "torch", "peer_torch.py", "direct,cg", "cg,arnoldi"),
     ("pyDVL", "pydvl", "peer_pydvl.py", "direct,cg", "cg,arnoldi"),
     ("kronfluence", "kronfluence", "peer_kronfluence.py", "ekfac", "ekfac"),
 ]
-PEER_KEYS = {"torch": "torch.func", "pydvl": "pyDVL", "kronfluence": "kronfluence"}
+PEER_KEYS = {"plainjax": "plain JAX", "torch": "torch.func", "pydvl": "pyDVL", "kronfluence": "kronfluence"}
+# Stages a runner times for comparison only (not part of its pipeline): left out of "stage_total".
+INFORMATIVE = {("jaxunlearn", "A"): ("per_sample_grads",)}
 # which jaxunlearn method a peer method is compared with
 COUNTERPART = {"direct": "direct", "cg": "cg", "arnoldi": "arnoldi", "ekfac": {"A": "direct", "B": "arnoldi"}}
 
@@ -251,8 +257,15 @@ def analyse(workload, data, libs, peak):
             ratio = {}
             if jinfo:
                 jmed = medians(jinfo["stages"])
+                jincl = [st for st in (pc.STAGES_A if workload == "A" else pc.STAGES_B)
+                         if st in jmed and st not in INFORMATIVE.get(("jaxunlearn", workload), ())]
+                jmed["stage_total"] = float(sum(jmed[st] for st in jincl))
                 ratio = {k: med[k] / jmed[k] for k in med if k in jmed and jmed[k] > 0}
-            rows.append({"library": lib, "method": method, "median_s": med, "errors": errors(workload, data, scores, method),
+            # identical accounting: stage_total = sum of the pipeline stages the row reports
+            incl = [st for st in (pc.STAGES_A if workload == "A" else pc.STAGES_B)
+                    if st in med and st not in INFORMATIVE.get((lib, workload), ())]
+            med["stage_total"] = float(sum(med[st] for st in incl))
+            rows.append({"library": lib, "method": method, "median_s": med, "total_includes": incl, "errors": errors(workload, data, scores, method),
                          "fraction_of_peak": frac, "flops": fl, "ratio_vs_jaxunlearn": ratio,
                          "jaxunlearn_counterpart": cp if jinfo else None,
                          "info": {k: v for k, v in info.items() if k != "compile"},
@@ -296,7 +309,7 @@ def report_md(results: dict) -> str:
         rows = wres["rows"]
         if not rows:
             continue
-        stages = [s for s in (pc.STAGES_A if w == "A" else pc.STAGES_B) + ("hvp", "total")
+        stages = [s for s in (pc.STAGES_A if w == "A" else pc.STAGES_B) + ("hvp", "total", "stage_total")
                   if any(s in r["median_s"] for r in rows)]
         lines += ["", "### Median wall time per stage (s)", "",
                   "| library | method | " + " | ".join(stages) + " | compile (jax) |",
@@ -306,6 +319,9 @@ def report_md(results: dict) -> str:
             comp_s = fmt_s(sum(comp.values())) if isinstance(comp, dict) and comp else "–"
             lines.append(f"| {r['library']} | {r['method']} | " +
                          " | ".join(fmt_s(r["median_s"].get(s)) for s in stages) + f" | {comp_s} |")
+        lines += ["", "`stage_total` = the sum of the stages listed below for each row (the same "
+                  "definition for every implementation; `total` = end-to-end wall time of the run):", ""]
+        lines += [f"* {r['library']} {r['method']}: {' + '.join(r['total_includes'])}" for r in rows]
         lines += ["", "### Ratio peer / jaxunlearn (same solver; > 1 means jaxunlearn is faster)", "",
                   "| library | method | vs | " + " | ".join(stages) + " |",
                   "|---|---|---|" + "---|" * len(stages)]
@@ -361,7 +377,8 @@ def main(argv=None):
     ap.add_argument("--peer-repeats", type=int, default=None, help="timed repeats for peers (default: --repeats)")
     ap.add_argument("--out", default=None, help="output directory (default runs/influence_bench[_quick])")
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
-    ap.add_argument("--peers", default="torch,pydvl,kronfluence", help="subset of torch,pydvl,kronfluence ('' for none)")
+    ap.add_argument("--peers", default="plainjax,torch,pydvl,kronfluence",
+                    help="subset of plainjax,torch,pydvl,kronfluence ('' for none)")
     ap.add_argument("--data-dir", default=None, help="cache of the workload .npz files (default OUT/data)")
     ap.add_argument("--regen", action="store_true", help="regenerate the cached workload data")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per runner")

@@ -37,7 +37,7 @@ ARNOLDI_KRYLOV = 2 * ARNOLDI_RANK + 1
 
 def parse_args(argv=None, default_methods: str = ""):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--workload", choices=["A", "B"], required=True)
+    ap.add_argument("--workload", choices=["A", "B", "R"], required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--scores", required=True, help="where to write the score arrays (.npz)")
@@ -122,3 +122,81 @@ def torch_mlp(data: dict):
             model[2 * i].weight.copy_(torch.from_numpy(np.ascontiguousarray(data[f"W{i + 1}"].T)))
             model[2 * i].bias.copy_(torch.from_numpy(np.ascontiguousarray(data[f"b{i + 1}"])))
     return model.eval()
+
+
+def torch_resnet(data: dict):
+    """Workload R's Flax ResNet-18 (CIFAR stem, BasicBlocks, eval-mode BatchNorm) as a torch module
+    with the stored weights. Convs are ``torch.nn.Conv2d`` preceded by lax's "SAME" padding
+    (asymmetric for stride 2), so kronfluence's patches equal jaxunlearn's. Inputs NHWC."""
+    import json
+
+    import torch
+    import torch.nn.functional as F
+
+    spec = json.loads(str(data["spec"]))
+    P = {k[2:]: np.asarray(v) for k, v in data.items() if k.startswith("p/")}
+
+    class SameConv(torch.nn.Module):
+        def __init__(self, prefix, stride):
+            super().__init__()
+            w = P[f"params/{prefix}/kernel"]                       # [kh, kw, cin, cout]
+            kh, kw, cin, cout = w.shape
+            self.k, self.s = kh, stride
+            self.conv = torch.nn.Conv2d(cin, cout, kh, stride=stride, padding=0, bias=False)
+            with torch.no_grad():
+                self.conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1))))
+
+        def forward(self, x):
+            h = x.shape[-1]
+            out = -(-h // self.s)
+            tot = max((out - 1) * self.s + self.k - h, 0)
+            lo = tot // 2
+            return self.conv(F.pad(x, (lo, tot - lo, lo, tot - lo)))
+
+    def bn(prefix):
+        scale = P[f"params/{prefix}/scale"]
+        m = torch.nn.BatchNorm2d(scale.shape[0], eps=1e-5)
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(scale))
+            m.bias.copy_(torch.from_numpy(P[f"params/{prefix}/bias"]))
+            m.running_mean.copy_(torch.from_numpy(P[f"batch_stats/{prefix}/mean"]))
+            m.running_var.copy_(torch.from_numpy(P[f"batch_stats/{prefix}/var"]))
+        return m
+
+    class Block(torch.nn.Module):
+        def __init__(self, prefix, stride):
+            super().__init__()
+            self.conv1, self.bn1 = SameConv(f"{prefix}/conv1", stride), bn(f"{prefix}/bn1")
+            self.conv2, self.bn2 = SameConv(f"{prefix}/conv2", 1), bn(f"{prefix}/bn2")
+            self.proj = None
+            if f"params/{prefix}/proj_conv/kernel" in P:
+                self.proj = torch.nn.Sequential(SameConv(f"{prefix}/proj_conv", stride), bn(f"{prefix}/proj_bn"))
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            y = self.bn2(self.conv2(y))
+            return torch.relu((x if self.proj is None else self.proj(x)) + y)
+
+    class ResNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem_conv, self.stem_bn = SameConv("stem/conv", 1), bn("stem/bn")
+            blocks = []
+            for s in range(4):
+                for b in range(2):
+                    blocks.append(Block(f"stage{s + 1}_block{b + 1}", 2 if s > 0 and b == 0 else 1))
+            self.blocks = torch.nn.Sequential(*blocks)
+            w = P["params/head/kernel"]
+            self.head = torch.nn.Linear(w.shape[0], w.shape[1])
+            with torch.no_grad():
+                self.head.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.T)))
+                self.head.bias.copy_(torch.from_numpy(P["params/head/bias"]))
+
+        def forward(self, x):
+            x = x.permute(0, 3, 1, 2)
+            x = torch.relu(self.stem_bn(self.stem_conv(x)))
+            x = self.blocks(x)
+            return self.head(x.mean(dim=(2, 3)))
+
+    assert spec["width"] > 0
+    return ResNet().eval()

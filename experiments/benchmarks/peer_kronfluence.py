@@ -3,6 +3,8 @@
 Runs inside ``.peers/kronfluence``. The training loss is summed over the batch (kronfluence's
 convention) and the true Fisher is sampled from the model (``sample=True``, kronfluence's default).
 Its damping is the absolute ``damping_factor = hess_shift`` (our H has ``+ hess_shift * I``).
+Workload R: the ResNet-18 of workload R ported to torch (``peer_common.torch_resnet``; its conv and
+Linear layers tracked, BatchNorm fixed), as B. Workloads B and R add ``compute_self_scores``.
 Workload A: one ``compute_pairwise_scores`` call per measurement with ``aggregate_query_gradients``
 (the measurement is a sum over the validation set, so its gradient is the summed query gradient),
 and ``compute_self_scores``. Workload B: pairwise scores of the 500 per-query losses. kronfluence's
@@ -118,7 +120,8 @@ def run_a(data, methods, repeats):
     return {"ekfac": {"stages": stages, **info}}, {"ekfac__scores": S.numpy(), "ekfac__self": s.numpy()}
 
 
-def run_b(data, methods, repeats):
+def run_network(data, methods, repeats, make_model):
+    """Workloads B and R: pairwise scores of the per-query CE losses and self-influence."""
     if methods != ["ekfac"]:
         raise ValueError(f"kronfluence runs method 'ekfac' only, got {methods}")
     X, y = t(data["X"]), t(data["y"]).long()
@@ -126,9 +129,13 @@ def run_b(data, methods, repeats):
     n = X.shape[0]
     shift = float(data["hess_shift"])
     train, query = TensorDataset(X, y), TensorDataset(Xq, yq)
+    check = {}
+    if "logits_q" in data:   # the torch port must reproduce the Flax model
+        with torch.no_grad():
+            check["port_max_abs_logit_diff"] = float((make_model()(Xq) - t(data["logits_q"])).abs().max())
 
     def run(timer):
-        model = pc.torch_mlp(data)
+        model = make_model()
         with tempfile.TemporaryDirectory() as out_dir:
             analyzer = make_analyzer(model, ClassificationTask(), out_dir)
             with timer.stage("factor"):
@@ -139,10 +146,17 @@ def run_b(data, methods, repeats):
                     per_device_query_batch_size=len(query), per_device_train_batch_size=BATCH,
                     score_args=ScoreArguments(damping_factor=shift), overwrite_output_dir=True)
                 S = analyzer.load_pairwise_scores("pairwise")["all_modules"]
-        return S / n, None, {}
+            with timer.stage("self_influence"):
+                analyzer.compute_self_scores(scores_name="self", factors_name="ekfac", train_dataset=train,
+                                             per_device_train_batch_size=BATCH,
+                                             score_args=ScoreArguments(damping_factor=shift),
+                                             overwrite_output_dir=True)
+                s = analyzer.load_self_scores("self")["all_modules"]
+        return S / n, s / n, {}
 
-    stages, (S, _, info) = pc.run_repeats(run, repeats)
-    return {"ekfac": {"stages": stages, **info}}, {"ekfac__scores": S.numpy()}
+    stages, (S, s, info) = pc.run_repeats(run, repeats)
+    return ({"ekfac": {"stages": stages, **info, **check}},
+            {"ekfac__scores": S.numpy(), "ekfac__self": s.numpy()})
 
 
 def main():
@@ -151,8 +165,10 @@ def main():
     methods = (args.methods or "ekfac").split(",")
     if args.workload == "A":
         results, scores = run_a(data, methods, args.repeats)
+    elif args.workload == "B":
+        results, scores = run_network(data, methods, args.repeats, lambda: pc.torch_mlp(data))
     else:
-        results, scores = run_b(data, methods, args.repeats)
+        results, scores = run_network(data, methods, args.repeats, lambda: pc.torch_resnet(data))
     pc.emit("kronfluence", kronfluence.__version__, results, scores, args.scores,
             threads=torch.get_num_threads())
 

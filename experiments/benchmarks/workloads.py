@@ -24,6 +24,13 @@ Self-influence ``s_i = (1/n) grad l_i^T H^{-1} grad l_i`` is the same with ``m =
     solve needs a 109,386^2 matrix (96 GB), so the reference is float64 CG to a 1e-9 relative
     residual on ``ref_queries`` query rows; every method's error is measured on those rows.
 
+(R) ResNet-18 (the project's Flax ``resnet18``, CIFAR stem, base width 4, BatchNorm in eval mode)
+    on synthetic CIFAR-shaped images [32, 32, 3], 10 classes, n = 512 training points, 50 query
+    points; trained briefly (Adam, BatchNorm in train mode). H = Hessian of the mean CE over the
+    conv kernels and the head (the EK-FAC blocks; BatchNorm parameters held fixed) + (l2 + damping) I.
+    Reference: CG with float32 HVPs (the model casts its logits to float32) and float64 recurrences
+    to a 1e-5 relative residual on ``ref_queries`` rows. Weights are stored as ``p/<path>`` arrays.
+
 Run ``python -m experiments.benchmarks.workloads --workload A --out FILE`` (the benchmark does this
 in a subprocess, since it enables float64 in JAX).
 """
@@ -37,7 +44,8 @@ import time
 
 import numpy as np
 
-__all__ = ["SpecA", "SpecB", "spec", "make_a", "make_b", "head_hessian64", "mlp_apply"]
+__all__ = ["SpecA", "SpecB", "SpecR", "spec", "make_a", "make_b", "make_r", "r_model", "load_r_variables",
+           "head_hessian64", "mlp_apply"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +78,27 @@ class SpecB:
     seed: int = 1
 
 
+@dataclasses.dataclass(frozen=True)
+class SpecR:
+    n: int = 512
+    n_query: int = 50
+    image: int = 32
+    k: int = 10
+    width: int = 4
+    l2: float = 1e-3
+    damping: float = 0.05
+    adam_steps: int = 150
+    noise: float = 1.0
+    ref_queries: int = 5
+    ref_tol: float = 1e-5
+    ref_maxiter: int = 400
+    seed: int = 2
+
+
 QUICK_A = SpecA(n=5_000, d=64, n_val=1_000)
 QUICK_B = SpecB(n=1_000, n_query=50, input_dim=196, hidden=(64, 32), adam_steps=200, lbfgs_iters=500,
                 ref_queries=5)
+QUICK_R = SpecR(n=128, n_query=10, image=16, adam_steps=30, ref_queries=3, ref_maxiter=200)
 
 
 def spec(workload: str, quick: bool):
@@ -81,7 +107,9 @@ def spec(workload: str, quick: bool):
         return QUICK_A if quick else SpecA()
     if workload == "B":
         return QUICK_B if quick else SpecB()
-    raise ValueError(f"unknown workload {workload!r}; choose 'A' or 'B'")
+    if workload == "R":
+        return QUICK_R if quick else SpecR()
+    raise ValueError(f"unknown workload {workload!r}; choose 'A', 'B' or 'R'")
 
 
 # ----------------------------------------------------------------------------------- workload A
@@ -364,14 +392,155 @@ def make_b(s: SpecB) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------- workload R
+def r_model(s_or_spec):
+    """The Flax ResNet-18 of workload R (from a SpecR or its stored JSON dict)."""
+    from jaxunlearn.models import resnet18
+
+    d = s_or_spec if isinstance(s_or_spec, dict) else dataclasses.asdict(s_or_spec)
+    return resnet18((d["image"], d["image"], 3), d["k"], width=d["width"], stem="cifar")
+
+
+def r_in_blocks(path: tuple) -> bool:
+    """Parameters in the EK-FAC blocks: conv kernels and the head (BatchNorm scale/bias excluded)."""
+    return path[-1] == "kernel" or path[0] == "head"
+
+
+def flat_tree(tree, prefix=()) -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flat_tree(v, prefix + (k,)))
+        else:
+            out["/".join(prefix + (k,))] = v
+    return out
+
+
+def unflat_tree(flat: dict) -> dict:
+    out: dict = {}
+    for key, v in flat.items():
+        node = out
+        *head, last = key.split("/")
+        for h in head:
+            node = node.setdefault(h, {})
+        node[last] = v
+    return out
+
+
+def make_r(s: SpecR) -> dict:
+    """Synthetic images, briefly trained ResNet-18 and reference scores (on ``ref_queries`` rows)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jaxunlearn import losses
+
+    rng = np.random.default_rng(s.seed)
+    templates = rng.normal(size=(s.k, s.image, s.image, 3))
+
+    def data(m):
+        y = rng.integers(0, s.k, size=m)
+        x = templates[y] + s.noise * rng.normal(size=(m, s.image, s.image, 3))
+        return x.astype(np.float32), y.astype(np.int32)
+
+    X, y = data(s.n)
+    Xq, yq = data(s.n_query)
+    model = r_model(s)
+    v = model.init(jax.random.key(s.seed), X[:2])
+    params, state = v["params"], {"batch_stats": v["batch_stats"]}
+    tx = optax.adam(3e-3)
+    opt = tx.init(params)
+
+    def objective(params, state, x, y):
+        logits, aux = model.apply({"params": params, **state}, x, train=True)
+        l2 = sum(jnp.sum(w * w) for w in jax.tree_util.tree_leaves(params))
+        return jnp.mean(losses.cross_entropy(logits, y)) + 0.5 * s.l2 * l2, aux["model_state"]
+
+    @jax.jit
+    def step(params, state, opt, x, y):
+        (_, state), g = jax.value_and_grad(objective, has_aux=True)(params, state, x, y)
+        upd, opt = tx.update(g, opt)
+        return optax.apply_updates(params, upd), state, opt
+
+    t0 = time.perf_counter()
+    for _ in range(s.adam_steps):
+        params, state, opt = step(params, state, opt, X, y)
+    fit_s = time.perf_counter() - t0
+    variables = {"params": params, **state}
+
+    # H restricted to the EK-FAC blocks: mean CE (eval mode) over conv kernels + head, + shift I
+    flat = flat_tree(params)
+    keys = [k for k in flat if r_in_blocks(tuple(k.split("/")))]
+    sizes = [int(np.prod(flat[k].shape)) for k in keys]
+    shift = s.l2 + s.damping
+
+    def unravel(f):
+        parts = jnp.split(f, np.cumsum(sizes)[:-1])
+        sub = {k: p.reshape(flat[k].shape) for k, p in zip(keys, parts)}
+        return unflat_tree({**flat, **sub})
+
+    f0 = jnp.concatenate([flat[k].ravel() for k in keys])
+
+    def ce(f, x, y):
+        logits, _ = model.apply({**variables, "params": unravel(f)}, x, train=False)
+        return losses.cross_entropy(logits, y)
+
+    @jax.jit
+    def matmat(f, V, x, y):
+        _, lin = jax.linearize(jax.grad(lambda q: jnp.mean(ce(q, x, y))), f)
+        return jax.vmap(lin, in_axes=1, out_axes=1)(V) + shift * V
+
+    per = jax.jit(jax.vmap(jax.grad(lambda f, x, y: ce(f, x[None], y[None])[0]), in_axes=(None, 0, 0)))
+    r = s.ref_queries
+    B = np.asarray(per(f0, Xq[:r], yq[:r]), np.float64).T
+    t0 = time.perf_counter()
+    xs, rr = np.zeros_like(B), B.copy()
+    pp, rs = rr.copy(), np.sum(B * B, axis=0)
+    bnorm = np.sqrt(rs)
+    it = 0
+    while it < s.ref_maxiter and np.max(np.sqrt(rs) / bnorm) > s.ref_tol * 0.1:
+        Ap = np.asarray(matmat(f0, jnp.asarray(pp, jnp.float32), X, y), np.float64)
+        alpha = rs / np.sum(pp * Ap, axis=0)
+        xs += alpha * pp
+        rr -= alpha * Ap
+        rs_new = np.sum(rr * rr, axis=0)
+        pp = rr + (rs_new / rs) * pp
+        rs = rs_new
+        it += 1
+    true_res = np.asarray(matmat(f0, jnp.asarray(xs, jnp.float32), X, y), np.float64) - B
+    rel_res = float(np.max(np.linalg.norm(true_res, axis=0) / bnorm))
+    G = np.concatenate([np.asarray(per(f0, X[lo:lo + 128], y[lo:lo + 128]), np.float64)
+                        for lo in range(0, s.n, 128)])
+    ref = (G @ xs).T / s.n
+    ref_s = time.perf_counter() - t0
+    logits, _ = model.apply(variables, X, train=False)
+    logits_q, _ = model.apply(variables, Xq, train=False)
+    info = {"fit_s": fit_s, "reference_s": ref_s, "ref_cg_iters": it, "ref_rel_residual": rel_res,
+            "train_acc": float(np.mean(np.argmax(np.asarray(logits), 1) == y)),
+            "hess_shift": shift, "num_params": int(f0.shape[0]),
+            "num_params_all": int(sum(np.prod(a.shape) for a in flat.values()))}
+    out = {"X": X, "y": y, "Xq": Xq, "yq": yq, "l2": np.float64(s.l2), "damping": np.float64(s.damping),
+           "hess_shift": np.float64(shift), "ref_scores": ref, "ref_rows": np.arange(r),
+           "logits_q": np.asarray(logits_q),
+           "info": np.array(json.dumps(info)), "spec": np.array(json.dumps(dataclasses.asdict(s)))}
+    for k, a in flat_tree(variables).items():
+        out[f"p/{k}"] = np.asarray(a)
+    return out
+
+
+def load_r_variables(data: dict) -> dict:
+    """Workload R's Flax variables from the stored ``p/<collection>/<path>`` arrays."""
+    return unflat_tree({k[2:]: np.asarray(v) for k, v in data.items() if k.startswith("p/")})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workload", choices=["A", "B"], required=True)
+    ap.add_argument("--workload", choices=["A", "B", "R"], required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     s = spec(args.workload, args.quick)
-    arrays = make_a(s) if args.workload == "A" else make_b(s)
+    arrays = {"A": make_a, "B": make_b, "R": make_r}[args.workload](s)
     np.savez(args.out, **arrays)
     print(json.dumps({"workload": args.workload, "out": args.out, **json.loads(str(arrays["info"]))}))
 

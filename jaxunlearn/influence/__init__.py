@@ -59,3 +59,6 @@ __all__ = [
     "DenseFactor", "SolveResult", "SolverError", "influence_step", "influence_update",
     "sweep_influence_update", "ValidationResult", "validate", "validate_last_layer",
 ]
+
+from jaxunlearn.influence import ekfac  # noqa: E402  K-FAC / EK-FAC for deep networks
+__all__ += ["ekfac"]
