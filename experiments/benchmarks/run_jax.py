@@ -3,7 +3,7 @@
 Workload A (last-layer closed form, :mod:`jaxunlearn.influence.last_layer`):
   * ``direct``: stage by stage from the public building blocks, each stage one jitted call --
     measurement gradients (:func:`scores.measurement_gradients` with the library's
-    ``utility`` / ``demographic_parity(aggregate="signed", classes=(1,))`` / ``robustness``
+    ``utility`` / ``demographic_parity(aggregate="signed", classes=(1,))`` / ``utility`` on attack points
     measurements on :func:`last_layer.head_apply`), the structured Hessian (:func:`last_layer.hessian`),
     Cholesky, ``cho_solve``, scores by :func:`last_layer.grads_dot` (no n x p matrix), exact
     self-influence (:func:`last_layer.self_influence`).
@@ -91,12 +91,12 @@ def run_a(data, methods, repeats):
     Xv, yv, sv = jnp.asarray(data["Xv"]), jnp.asarray(data["yv"]), jnp.asarray(data["sv"])
     Xadv = jnp.asarray(data["Xadv"])
     head = {"kernel": W}
-    problem = ll.make_problem(head, X, y, l2=l2)
+    problem = ll.make_problem(head, {"x": X, "y": y}, l2=l2)
     measures = {
         "util": (ms.utility(ll.head_apply), {"x": Xv, "y": yv}),
         "dp": (ms.demographic_parity(ll.head_apply, num_groups=2, aggregate="signed", classes=(1,)),
                {"x": Xv, "y": yv, "group": sv}),
-        "rob": (ms.robustness(ll.head_apply), {"x": Xadv, "y": yv}),
+        "rob": (ms.utility(ll.head_apply), {"x": Xadv, "y": yv}),   # robustness: utility on attack points
     }
     names = list(measures)
     comp: dict = {}
@@ -169,12 +169,12 @@ def run_a(data, methods, repeats):
         return S, res
 
     def api(solver):
-        kw = {} if solver == "direct" else {"solver_kwargs": {"tol": pc.CG_RTOL, "maxiter": pc.CG_MAXITER}}
+        obj = solvers.Direct() if solver == "direct" else solvers.CG(tol=pc.CG_RTOL, maxiter=pc.CG_MAXITER)
 
         def fn(tm):  # direct: scores and self-influence from one Hessian and one factorisation
             with tm.stage("scores") as box:
-                r = sc.influence_scores(problem, measures, solver=solver,
-                                        with_self_influence=solver == "direct", **kw)
+                r = sc.influence_scores(problem, measures, solver=obj,
+                                        with_self_influence=solver == "direct")
                 S = jnp.stack([r.scores[k] for k in names])
                 box.append(S)
             return S, r.self_influence, r
