@@ -63,8 +63,8 @@ class Block:
         if name.split(".")[0] in self.BLOCKED:
             raise ImportError(f"{name} is blocked in this test")
 sys.meta_path.insert(0, Block())
-import jaxunlearn, jaxunlearn.influence, jaxunlearn.methods, jaxunlearn.models, jaxunlearn.train
-import jaxunlearn.data, jaxunlearn.metrics, jaxunlearn.checkpoint
+import jaxunlearn, jaxunlearn.influence, jaxunlearn.methods, jaxunlearn.models, jaxunlearn.loop
+import jaxunlearn.data, jaxunlearn.metrics, jaxunlearn.checkpoint, jaxunlearn.evaluation
 assert not any(m.split(".")[0] in Block.BLOCKED for m in sys.modules), sorted(sys.modules)
 from jaxunlearn.data import tfds_loaders
 try:
