@@ -231,7 +231,7 @@ def test_influence_scores_agree(four, trained):
         params = to_eqx(params) if kind == "equinox" else params  # one theta for all four
         problem = influence.make_problem(influence.model_loss(model.apply), params, batch, l2=1e-3)
         res = influence.influence_scores(problem, {"val": (influence.utility(model.apply), val)},
-                                         damping=1.0, stationarity_tol=None)
+                                         solver=influence.Direct(damping=1.0), stationarity_tol=None)
         scores[kind] = np.asarray(res.scores["val"])
     assert np.abs(scores["linen"]).max() > 0
     for kind in KINDS:  # a reparametrisation by transposes leaves the scores unchanged

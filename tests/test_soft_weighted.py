@@ -122,7 +122,7 @@ def test_accelerator_presets_run_on_mock_tfds(tmp_path, preset, extra):
 
 
 def test_interrupted_study_resumes_and_refuses_other_settings(tmp_path, monkeypatch):
-    cfg = dataclasses.replace(sw.PRESETS["smoke"], seeds=2)
+    cfg = dataclasses.replace(sw.preset("smoke"), seeds=2)
     out = str(tmp_path / "sw")
     calls = []
     real = sw.run_cell
