@@ -30,6 +30,7 @@ solver raises a :class:`SolverError` subclass, or warns with the residual when
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import numbers
 import warnings
@@ -720,7 +721,7 @@ def _solver(data_fields=()):
     return wrap
 
 
-class Solver:
+class Solver(abc.ABC):
     """Base of the solver objects (:class:`Direct`, :class:`CG`, :class:`LiSSA`, :class:`Arnoldi`).
 
     Every solver has ``damping`` (added to H) and ``raise_on_fail`` (raise a :class:`SolverError`
@@ -730,6 +731,7 @@ class Solver:
     damping: float
     raise_on_fail: bool
 
+    @abc.abstractmethod
     def solve(self, operator, b: jax.Array, *, x0: jax.Array | None = None) -> SolveResult:
         """Solve ``(H + damping I) x = b``.
 
@@ -742,7 +744,6 @@ class Solver:
         Returns:
           :class:`SolveResult`.
         """
-        raise NotImplementedError
 
 
 @_solver()
