@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxunlearn import losses
+from jaxunlearn import losses, sharding
 from jaxunlearn.data.batching import batch_plan, split_size
 from jaxunlearn.models.api import as_apply
 
@@ -131,16 +131,14 @@ def padded_batches(split: Mapping, batch_size: int, *, multiple: int = 1,
 def _placer(mesh: Mesh | None, axis: str | None):
     if mesh is None:
         return lambda batch: batch
-    axis = axis or ("data" if "data" in mesh.axis_names else mesh.axis_names[0])
-    spec = NamedSharding(mesh, P(axis))
+    spec = NamedSharding(mesh, P(sharding.data_axis(mesh, axis)))
     return lambda batch: jax.device_put(batch, spec)
 
 
 def _multiple(mesh: Mesh | None, axis: str | None) -> int:
     if mesh is None:
         return 1
-    axis = axis or ("data" if "data" in mesh.axis_names else mesh.axis_names[0])
-    return int(mesh.shape[axis])
+    return int(mesh.shape[sharding.data_axis(mesh, axis)])
 
 
 def accumulate(step: Callable, stats, args, split: Mapping, *, batch_size: int,

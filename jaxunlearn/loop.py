@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxunlearn import sharding
 from jaxunlearn.data.batching import batch_plan, gather_batch, num_batches, resample_plan, split_size
 from jaxunlearn.data.streaming import StreamingSource, global_batch
 from jaxunlearn.methods.base import Method, MethodState
@@ -245,16 +246,6 @@ def _make_step(method: Method, mesh: Mesh | None, axis: str | None, layout=None)
     return step_fn
 
 
-def _data_axis(mesh: Mesh | None, axis: str | None) -> str | None:
-    if mesh is None:
-        return None
-    if axis is None:
-        axis = "data" if "data" in mesh.axis_names else mesh.axis_names[0]
-    if axis not in mesh.axis_names:
-        raise ValueError(f"data axis {axis!r} is not an axis of the mesh {mesh.axis_names}")
-    return axis
-
-
 def compile(method: Method, *, mesh: Mesh | None = None, axis: str | None = None,  # noqa: A001
             layout: Callable | None = None) -> Program:
     """Jit ``method``'s epoch once (on ``mesh``'s ``axis`` when given); reuse it across runs.
@@ -268,7 +259,7 @@ def compile(method: Method, *, mesh: Mesh | None = None, axis: str | None = None
         raise ValueError(f"expected a jaxunlearn.methods.Method, got {type(method).__name__}")
     if layout is not None and mesh is None:
         raise ValueError("layout= needs mesh=")
-    axis = _data_axis(mesh, axis)
+    axis = sharding.data_axis(mesh, axis)
     return Program(method, jax.jit(_make_epoch(method, mesh, axis, layout), donate_argnums=(0, 1)),
                    jax.jit(_make_step(method, mesh, axis, layout), donate_argnums=(0, 1)), mesh, axis,
                    layout)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["data_mesh", "mesh_2d", "shard_batch", "replicate", "pad_batch", "fsdp_spec",
+__all__ = ["data_axis", "data_mesh", "mesh_2d", "shard_batch", "replicate", "pad_batch", "fsdp_spec",
            "fsdp_shardings", "place"]
 
 
@@ -64,6 +64,18 @@ def mesh_2d(*, data: int, model: int, devices: Sequence[jax.Device] | None = Non
                          f"{len(devices)} are available")
     grid = np.asarray(devices[:n], dtype=object).reshape(int(data), int(model))
     return Mesh(grid, tuple(axes), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def data_axis(mesh: Mesh | None, axis: str | None = None) -> str | None:
+    """The data axis of ``mesh``: ``axis`` if given, else ``"data"`` if the mesh has it, else its
+    first axis (None without a mesh)."""
+    if mesh is None:
+        return None
+    if axis is None:
+        axis = "data" if "data" in mesh.axis_names else mesh.axis_names[0]
+    if axis not in mesh.axis_names:
+        raise ValueError(f"data axis {axis!r} is not an axis of the mesh {mesh.axis_names}")
+    return axis
 
 
 def _axis(mesh: Mesh, axis: str | None) -> str:
