@@ -47,6 +47,7 @@ from jax.scipy.linalg import solve_triangular
 from jaxunlearn import losses
 from jaxunlearn.influence import grads as _grads
 from jaxunlearn.influence import hvp as _hvp
+from jaxunlearn.influence import measurements as _measurements
 from jaxunlearn.influence import solvers as _solvers
 from jaxunlearn.influence.solvers import DenseFactor, Direct, LinearOperator, Solver
 from jaxunlearn.models.api import as_apply
@@ -154,6 +155,7 @@ def model_loss(apply_fn, *, loss_fn=losses.cross_entropy, model_state: dict | No
         logits, _ = as_apply(apply_fn)({"params": params, **(model_state or {})}, batch["x"], train=False)
         return loss_fn(logits, batch["y"])
 
+    loss.check_labels = _measurements.label_check(apply_fn, model_state)
     return loss
 
 
@@ -287,6 +289,8 @@ def make_problem(loss_fn: Callable, params, batch: dict, *, l2: float = 0.0, sel
         sel, frozen = params, None
     else:
         sel, frozen = _grads.partition(params, select)
+    if hasattr(loss_fn, "check_labels"):
+        loss_fn.check_labels(params, batch, "the training batch's")
     flat, _ = _grads.flatten_params(sel)
     n = _grads.batch_size_of(batch)
     w = np.asarray(_batch_weight(batch, n, flat.dtype))
@@ -342,6 +346,10 @@ def _split_measures(problem: Problem, measures: Mapping[str, Any]):
             validate = getattr(measure, "validate", None)
             if validate is not None:
                 validate(batch)
+            labels = getattr(measure, "check_labels", None)
+            if labels is not None:
+                labels(problem.params_from_flat(problem.data, problem.flat), batch,
+                       f"measurement {name!r}: its batch's")
             names.append(name)
             fns.append(measure)
             batches.append(batch)
