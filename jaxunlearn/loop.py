@@ -147,7 +147,8 @@ def epoch_plan(key: jax.Array, uses, weights: Mapping[str, np.ndarray], batch_si
     plan = {}
     w = weights[primary]
     if sampling is None:
-        idx, bw = batch_plan(w.size, batch_sizes[primary], key=key, weight=w)
+        idx, bw = batch_plan(w.size, batch_sizes[primary], key=key, weight=w,
+                             name=f"the {primary} set")
     else:
         idx, bw = resample_plan(key, sampling, batch_sizes[primary], loss_weight=w)
     plan[f"{primary}_index"], plan[f"{primary}_weight"] = idx, bw
@@ -158,7 +159,8 @@ def epoch_plan(key: jax.Array, uses, weights: Mapping[str, np.ndarray], batch_si
         k_set = jax.random.fold_in(key, j + 1)
         rows_i, rows_w, passes, c = [], [], [], 0
         while sum(map(len, rows_i)) < steps:
-            i, b = batch_plan(w.size, batch_sizes[name], key=jax.random.fold_in(k_set, c), weight=w)
+            i, b = batch_plan(w.size, batch_sizes[name], key=jax.random.fold_in(k_set, c), weight=w,
+                              name=f"the {name} set")
             rows_i.append(i)
             rows_w.append(b)
             passes.append(np.full(i.shape[0], c, np.int32))

@@ -491,6 +491,19 @@ def solve_failure(res, solver: Solver, what: str = "solve") -> Exception:
         return _solvers.NonConvergenceError(
             f"{msg}, above tol {solver.tol:g}: the rank-{solver.rank} inverse is a truncation; raise "
             "rank / num_iters, or pass raise_on_fail=False to accept the approximation")
+    if isinstance(solver, _solvers.LiSSA):
+        res_max = float(jnp.nanmax(res.residual))
+        if not np.isfinite(res_max) or res_max > solver.divergence:
+            return _solvers.DivergenceError(
+                f"{msg}: LiSSA diverged. It converges only if every eigenvalue of H + damping I "
+                "lies in (0, 2 scale): pass a larger LiSSA(scale=...) (at least lambda_max(H + "
+                "damping I) / 2; scale=None estimates it by power iteration) and, if H has "
+                "negative curvature at θ̂ (a non-convex model), damping above |lambda_min|; or use "
+                "the Direct/CG solvers or the last-layer surrogate")
+        return _solvers.NonConvergenceError(
+            f"{msg}: LiSSA needs about (scale / lambda_min(H + damping I)) * ln(1/tol) steps, "
+            f"more than depth={solver.depth}: raise depth, or add damping (it raises lambda_min: "
+            "faster, but a biased inverse), or use CG/Direct for an ill-conditioned H")
     return _solvers.NonConvergenceError(
         msg + "; raise maxiter/depth, add damping or precondition. An early stop with a large "
         "residual means H + damping I is not positive definite along some direction (CG met "
