@@ -231,6 +231,9 @@ CASES = [
     ("LiSSA scale too small: names scale, not maxiter",
      lambda t: influence({"x": X * 10, "y": Y}, solver=solvers.LiSSA(scale=1e-3)),
      solvers.DivergenceError, r"(?s)LiSSA diverged.*larger LiSSA\(scale=\.\.\.\)(?!.*maxiter)"),
+    ("LiSSA depth too small: names depth, not maxiter",
+     lambda t: influence({"x": X, "y": Y}, solver=solvers.LiSSA(depth=2)), solvers.NonConvergenceError,
+     r"(?s)more than depth=2: raise depth, or add damping(?!.*maxiter)"),
     ("DP measurement with a group absent",
      lambda t: scores.influence_scores(
          last_layer.make_problem(head(), {"x": X, "y": Y}, l2=0.1),
@@ -331,6 +334,22 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     np.testing.assert_array_equal(restored["a"], tree["a"])
     ck.save(2, tree, metadata={"epoch": 2})  # the bad step was removed: it can be written again
     assert checkpoint.Checkpointer(tmp_path / "ck").restore_latest(tree)[0] == 2
+
+
+def test_lissa_defaults_solve_an_ill_conditioned_small_problem():
+    """LiSSA() with its defaults on a p = 161 SPD matrix with the spectrum of a converged small MLP
+    (condition number ~1.3e4, measured: eigenvalues 7.2e-5 ... 0.92) matches the dense solve."""
+    p = 161
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.normal(size=(p, p)))
+    H = (q * np.geomspace(7.2e-5, 0.92, p)) @ q.T
+    b = rng.normal(size=p)
+    with jax.enable_x64(True):
+        Hj = jnp.asarray(H)
+        res = jax.jit(lambda v: solvers.LiSSA().solve(lambda V: Hj @ V, v))(jnp.asarray(b))
+        assert bool(res.converged), (float(res.residual), int(res.iterations))
+    x = np.linalg.solve(H, b)
+    assert np.linalg.norm(np.asarray(res.x) - x) / np.linalg.norm(x) < 1e-3
 
 
 def test_out_check_is_fast_and_names_out():
