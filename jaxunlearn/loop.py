@@ -318,11 +318,32 @@ def _check_labels(method: Method, variables, sets) -> None:
         if not np.issubdtype(y.dtype, np.integer):
             continue
         if k is None:
-            x = jax.ShapeDtypeStruct((1, *np.shape(split["x"])[1:]), split["x"].dtype)
-            logits, _ = jax.eval_shape(lambda v, xb: as_apply(method.apply_fn)(v, xb, train=False),
-                                       variables, x)
-            k = 2 if int(logits.shape[-1]) == 1 else int(logits.shape[-1])
+            k = _num_outputs(method.apply_fn, variables, np.shape(split["x"])[1:], split["x"].dtype)
         check_labels(y, k, name=f"the {name} set's 'y'")
+
+
+_OUTPUTS: dict = {}  # (apply_fn, input shape, dtype, variables' shapes) -> number of classes
+
+
+def _num_outputs(apply_fn, variables, shape, dtype) -> int:
+    """The number of classes of a model (1 logit = 2), traced once per model and input shape, so
+    that a grid of runs does not trace the model again for every run."""
+    leaves, treedef = jax.tree.flatten(variables)
+    key = (apply_fn, tuple(shape), np.dtype(dtype).name, treedef,
+           tuple((np.shape(a), np.dtype(a.dtype).name) for a in leaves))
+    try:
+        if key in _OUTPUTS:
+            return _OUTPUTS[key]
+    except TypeError:  # an unhashable apply: trace every time
+        key = None
+    x = jax.ShapeDtypeStruct((1, *shape), dtype)
+    logits, _ = jax.eval_shape(lambda v, xb: as_apply(apply_fn)(v, xb, train=False), variables, x)
+    k = 2 if int(logits.shape[-1]) == 1 else int(logits.shape[-1])
+    if key is not None:
+        if len(_OUTPUTS) > 64:
+            _OUTPUTS.clear()
+        _OUTPUTS[key] = k
+    return k
 
 
 def _widths(method: Method, batch_sizes: dict, primary: str, n_dev: int) -> dict:
