@@ -366,3 +366,15 @@ def test_out_check_is_fast_and_names_out():
     assert r.returncode == 2 and "--out '/proc/x' is not a writable directory" in r.stderr
     assert "Traceback" not in r.stderr
     print(f"refused in {elapsed:.1f} s")
+
+
+@pytest.mark.parametrize("driver", ["soft_weighted", "fairness_gap", "group_robust", "train_baselines",
+                                    "influence_validity"])
+def test_every_preset_passes_its_drivers_validation(driver):
+    """The checks refuse bad configs only: every shipped preset is accepted."""
+    import importlib
+
+    mod = importlib.import_module(f"experiments.{driver}")
+    for preset in common.presets(driver):
+        common.check_config(common.load_config(common.config_path(driver, preset), mod.Config),
+                            mod.validate)
