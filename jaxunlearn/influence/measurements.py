@@ -66,6 +66,7 @@ __all__ = [
     "equal_opportunity",
     "custom",
     "validate_groups",
+    "label_check",
     "linear_adversarial_batch",
     "attack_batch",
 ]
