@@ -37,7 +37,7 @@ import numpy as np
 __all__ = ["CONFIG_DIR", "config_path", "presets", "load_config", "apply_overrides", "parse_args",
            "cosine_adam", "make_optimizer", "build_model", "load_dataset", "train_model",
            "write_text", "write_json", "write_csv", "resume_rows", "markdown_table", "timer",
-           "environment", "savefig"]
+           "environment", "savefig", "check_out", "check_config", "check_number"]
 
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -82,7 +82,11 @@ def _parse_value(text: str, default, annotation) -> Any:
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        value = text
+        try:  # nan, inf (refused by check_config, with a clear message)
+            value = float(text) if text.strip().lower().lstrip("+-") in ("nan", "inf", "infinity") \
+                else text
+        except ValueError:
+            value = text
     if value is None:
         return None
     if isinstance(default, tuple) or "tuple" in str(annotation):
@@ -116,8 +120,110 @@ def apply_overrides(cfg, overrides: Sequence[str]):
     return dataclasses.replace(cfg, **changes)
 
 
+def check_out(out: str) -> str:
+    """Create ``--out`` (and its parents) and prove it writable, before any compute.
+
+    Returns:
+      The absolute path.
+
+    Raises:
+      ValueError: naming ``--out`` when the directory cannot be created or written (a file's path,
+        ``/proc/...``, a read-only directory).
+    """
+    path = os.path.abspath(os.fspath(out))
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out {out!r} is not a writable directory ({e.strerror or e}); pass "
+                         "--out DIR with a directory that can be created and written") from None
+    return path
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts: an int >= 1 (else a usage error naming the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
+
+
+def check_number(name: str, value, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, integer: bool = False, none_ok: bool = False) -> None:
+    """Raise a ValueError naming config field ``name`` unless ``value`` is a finite number in
+    ``[low, high]`` (``(low, high]`` with ``low_open``), an int with ``integer``."""
+    if value is None and none_ok:
+        return
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    ok = ok and np.isfinite(float(value)) and not (integer and float(value) != int(value))
+    if ok and low is not None:
+        ok = float(value) > low if low_open else float(value) >= low
+    if ok and high is not None:
+        ok = float(value) <= high
+    if not ok:
+        what = "an integer" if integer else "a finite number"
+        if low is not None or high is not None:
+            lo = "-inf" if low is None else f"{low:g}"
+            hi = "inf" if high is None else f"{high:g}"
+            what += f" in {'(' if low_open else '['}{lo}, {hi}{']' if high is not None else ')'}"
+        raise ValueError(f"config {name}={value!r} must be {what}; fix it with --set "
+                         f"{name.split('[')[0].split('.')[0]}=...")
+
+
+def _non_finite(value, path: str):
+    """The path of the first NaN/inf number in a config value (nested dicts/tuples), or None."""
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        return path
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for k, v in items:
+        bad = _non_finite(v, f"{path}[{k!r}]")
+        if bad:
+            return bad
+    return None
+
+
+def check_config(cfg, validate=None) -> None:
+    """The checks every driver's config gets before any compute, then the driver's ``validate``.
+
+    Every field must have its default's kind (a number, a string, a tuple, a dict) and no number
+    anywhere (nested recipes included) may be NaN or inf; ``validate(cfg)`` adds the driver's
+    ranges (counts >= 1, fractions in range, known method names, ...).
+
+    Raises:
+      ValueError: naming the field, its value and the remedy.
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        bad = _non_finite(value, f.name)
+        if bad:
+            raise ValueError(f"config {bad} is NaN or inf; fix it with --set {f.name}=...")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if value is None or default is None:
+            continue
+        kinds = ((bool,), (int, float), (str,), (tuple, list), (dict,))
+        want = next((k for k in kinds if isinstance(default, k)), None)
+        if want is not None and (not isinstance(value, want) or
+                                 (want != (bool,) and isinstance(value, bool))):
+            raise ValueError(f"config {f.name}={value!r} should be like its default "
+                             f"{default!r} ({type(default).__name__}); fix it with --set {f.name}=...")
+    if validate is not None:
+        validate(cfg)
+
+
 def parse_args(description: str, *, driver: str, config_cls, default_out: str, extra=None,
-               argv=None):
+               argv=None, validate=None):
     """The standard driver command line; returns ``(args, cfg, name)``.
 
     ``--config FILE`` or ``--preset NAME`` (default: the first of ``quick``/``smoke`` that exists)
@@ -130,6 +236,11 @@ def parse_args(description: str, *, driver: str, config_cls, default_out: str, e
       config_cls: the driver's frozen ``Config`` dataclass.
       default_out: output directory when ``--out`` is not given.
       extra: optional ``fn(parser)`` adding driver-specific flags.
+      validate: optional ``fn(cfg)`` raising a ValueError for a bad config (:func:`check_config`).
+
+    Bad input is refused here, before any compute, as a usage error (exit status 2) naming the
+    flag or config field: the config (:func:`check_config`) and an ``--out`` that cannot be
+    created or written (:func:`check_out`).
     """
     names = presets(driver)
     p = argparse.ArgumentParser(description=description)
@@ -150,10 +261,6 @@ def parse_args(description: str, *, driver: str, config_cls, default_out: str, e
     if extra is not None:
         extra(p)
     args = p.parse_args(argv)
-    try:
-        set_mesh(args.mesh)
-    except ValueError as e:
-        p.error(str(e))
     if args.config is not None and args.preset is not None:
         p.error("pass --config or --preset, not both")
     if args.config is None:
@@ -165,6 +272,9 @@ def parse_args(description: str, *, driver: str, config_cls, default_out: str, e
     name = args.preset or os.path.splitext(os.path.basename(args.config))[0].removeprefix(f"{driver}_")
     try:
         cfg = apply_overrides(load_config(args.config, config_cls), args.set)
+        check_config(cfg, validate)
+        check_out(args.out)
+        set_mesh(args.mesh)
     except ValueError as e:
         p.error(str(e))
     return args, cfg, name
@@ -341,9 +451,23 @@ def _jsonable(o: Any):
     return o
 
 
+_KILL_ENV = "JAXUNLEARN_KILL_AFTER_RESULTS"  # tests: die like kill -9 after the N-th results.json
+_results_written = 0
+
+
 def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically (numpy/jax values converted)."""
+    """Write ``obj`` as indented JSON atomically (numpy/jax values converted).
+
+    For kill-and-resume tests, ``JAXUNLEARN_KILL_AFTER_RESULTS=N`` in the environment ends the
+    process abruptly (``os._exit(137)``, no cleanup, as ``kill -9``) right after the N-th
+    ``results.json`` written.
+    """
+    global _results_written
     _atomic_write(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+    if os.path.basename(path) == "results.json" and os.environ.get(_KILL_ENV):
+        _results_written += 1
+        if _results_written >= int(os.environ[_KILL_ENV]):
+            os._exit(137)
 
 
 def resume_rows(path: str, signature: dict) -> list[dict]:

@@ -93,6 +93,29 @@ class Config:
 
 # ----------------------------------------------------------------------------- checks (pure)
 
+def validate(cfg: Config) -> None:
+    """Refuse a config before any compute (:func:`experiments.common.check_config`)."""
+    from jaxunlearn.methods.fairness_gap_penalty import TARGETS
+
+    for f in ("unlearn_epochs", "unlearn_batch_size", "pgd_steps", "eval_batch_size"):
+        common.check_number(f, getattr(cfg, f), low=1, integer=True)
+    for f in ("max_train", "max_examples"):
+        common.check_number(f, getattr(cfg, f), low=1, integer=True, none_ok=True)
+    common.check_number("forget_class", cfg.forget_class, low=0, integer=True)
+    common.check_number("penalty_strength", cfg.penalty_strength, low=0)
+    common.check_number("penalty_lr", cfg.penalty_lr, low=0, low_open=True)
+    check_attack_eps(cfg.eps)
+    if cfg.penalty_target not in TARGETS:
+        raise ValueError(f"config penalty_target={cfg.penalty_target!r}: choose from {TARGETS}")
+    for field, allowed in (("models", tuple(cfg.recipes)), ("penalty_methods", METHODS),
+                           ("methods", METHODS + tuple(m + PENALTY_SUFFIX for m in METHODS))):
+        bad = [v for v in (getattr(cfg, field) or ()) if v not in allowed]
+        if bad:
+            raise ValueError(f"config {field}: unknown {bad}; choose from {allowed} with --set {field}=...")
+    if not cfg.recipes:
+        raise ValueError("config recipes is empty: the config names no model")
+
+
 def check_attack_eps(eps: float, input_range=INPUT_RANGE) -> float:
     """An L-infinity attack radius must satisfy ``0 < eps <= high - low``."""
     e = float(eps)
@@ -781,7 +804,7 @@ def main(argv=None) -> dict:
 
     args, cfg, name = common.parse_args(__doc__.splitlines()[0], driver="fairness_gap",
                                         config_cls=Config, default_out="runs/fairness_gap",
-                                        extra=extra, argv=argv)
+                                        extra=extra, argv=argv, validate=validate)
     unknown = sorted(set(cfg.models or ()) - set(cfg.recipes))
     if unknown:
         raise ValueError(f"models: unknown {unknown}; the config has {sorted(cfg.recipes)}")

@@ -106,12 +106,36 @@ class DatasetConfig:
 
 # ----------------------------------------------------------------------------- checks and data
 
+def validate(cfg: Config) -> None:
+    """Refuse a config before any compute (:func:`experiments.common.check_config`)."""
+    check_ratios(cfg.ratios)
+    unknown = sorted(set(cfg.methods) - set(ALL_METHODS))
+    if unknown:
+        raise ValueError(f"config methods: unknown {unknown}; choose from {ALL_METHODS}")
+    if not cfg.datasets:
+        raise ValueError("config datasets: the config names no dataset")
+    for d in cfg.datasets:
+        try:
+            spec = DatasetConfig(**d)
+        except TypeError as e:
+            raise ValueError(f"config datasets: a dataset entry is malformed ({e})") from None
+        for part in ("train", "unlearn"):
+            recipe = getattr(spec, part)
+            for k in ("epochs", "batch_size"):
+                common.check_number(f"datasets[{spec.name!r}].{part}[{k!r}]", recipe.get(k), low=1,
+                                    integer=True)
+        common.check_number(f"datasets[{spec.name!r}].train['lr']", spec.train.get("lr"), low=0,
+                            low_open=True)
+        common.check_number(f"datasets[{spec.name!r}].train['l2']", spec.train.get("l2", 0.0), low=0)
+        common.check_number(f"datasets[{spec.name!r}].soft_l2", spec.soft_l2, low=0)
+
+
 def check_ratios(ratios) -> tuple[float, ...]:
     """Forget ratios as floats; a ValueError for any outside (0, 1]."""
     out = []
     for r in ratios:
         r = float(r)
-        if not 0.0 < r <= 1.0:
+        if not 0.0 < r <= 1.0:  # (NaN fails too)
             raise ValueError(f"forget ratio {r} is outside (0, 1]")
         out.append(r)
     if not out:
@@ -701,7 +725,7 @@ def main(argv=None) -> dict:
 
     args, cfg, name = common.parse_args(__doc__.splitlines()[0], driver="group_robust",
                                         config_cls=Config, default_out="runs/group_robust",
-                                        extra=extra, argv=argv)
+                                        extra=extra, argv=argv, validate=validate)
     specs = [DatasetConfig(**d) for d in cfg.datasets]
     ratios = check_ratios(cfg.ratios)
     unknown = sorted(set(cfg.methods) - set(ALL_METHODS))

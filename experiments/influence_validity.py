@@ -55,6 +55,15 @@ class Config:
     gamma: float = 1.3
 
 
+def validate(cfg: Config) -> None:
+    """Refuse a config before any compute (:func:`experiments.common.check_config`)."""
+    for f in ("num_points", "nn_epochs", "batch_size"):
+        common.check_number(f, getattr(cfg, f), low=1, integer=True)
+    for i, h in enumerate(cfg.nn_hidden):
+        common.check_number(f"nn_hidden[{i}]", h, low=1, integer=True)
+    common.check_number("nn_lr", cfg.nn_lr, low=0, low_open=True)
+    common.check_number("nn_l2", cfg.nn_l2, low=0)
+    common.check_number("gamma", cfg.gamma, low=0, low_open=True)
 
 
 def _nn_features(ds, cfg: Config, key, progress: bool):
@@ -168,7 +177,7 @@ def report(results: list[dict], extra: dict, cfg: Config, preset: str) -> str:
 def main(argv=None) -> dict:
     args, cfg, name = common.parse_args(__doc__.splitlines()[0], driver="influence_validity",
                                         config_cls=Config, default_out="results/influence_validity",
-                                        argv=argv)
+                                        argv=argv, validate=validate)
     progress = not args.no_progress
     key = jax.random.key(args.seed)
     path = os.path.join(args.out, "results.json")

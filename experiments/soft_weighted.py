@@ -85,6 +85,29 @@ class Config:
     backbone_width: int = 64
 
 
+def validate(cfg: Config) -> None:
+    """Refuse a config before any compute (:func:`experiments.common.check_config`)."""
+    for f in ("seeds", "nn_epochs", "unlearn_epochs", "batch_size", "image_size", "backbone_width"):
+        common.check_number(f, getattr(cfg, f), low=1, integer=True)
+    common.check_number("max_train", cfg.max_train, low=1, integer=True, none_ok=True)
+    for f in ("nn_lr", "unlearn_lr", "fisher_alpha"):
+        common.check_number(f, getattr(cfg, f), low=0, low_open=True)
+    common.check_number("sweep_tolerance", cfg.sweep_tolerance, low=0)
+    if not cfg.hard_fractions:
+        raise ValueError("config hard_fractions is empty; fix it with --set hard_fractions=0.05,0.1")
+    for i, f in enumerate(cfg.hard_fractions):
+        common.check_number(f"hard_fractions[{i}]", f, low=0, high=1, low_open=True)
+    for field, allowed in (("tasks", TASKS), ("models", ("lr", "nn")),
+                           ("algorithms", tuple(dict.fromkeys(LR_ALGORITHMS + NN_ALGORITHMS)))):
+        values = getattr(cfg, field)
+        bad = [v for v in (values or ()) if v not in allowed]
+        if bad or (values is not None and not values):
+            raise ValueError(f"config {field}={values!r}: unknown {bad or 'empty'}; choose from "
+                             f"{allowed} with --set {field}=...")
+    if cfg.soft_variant not in ("qp", "min_norm"):
+        raise ValueError(f"config soft_variant={cfg.soft_variant!r}: choose 'qp' or 'min_norm'")
+
+
 def preset(name: str) -> Config:
     """The config of ``experiments/configs/soft_weighted_<name>.py``."""
     return common.load_config(common.config_path("soft_weighted", name), Config)
@@ -518,11 +541,12 @@ def run_study(cfg: Config, *, out: str, preset: str = "custom", data_dir: str | 
 def main(argv=None) -> dict:
     def extra(p):
         p.add_argument("--data-dir", default=None, help="directory of a non-embedded dataset")
-        p.add_argument("--seeds", type=int, default=None, help="short for --set seeds=N")
+        p.add_argument("--seeds", type=common.positive_int, default=None,
+                       help="short for --set seeds=N")
 
     args, cfg, name = common.parse_args(__doc__.splitlines()[0], driver="soft_weighted",
                                         config_cls=Config, default_out="runs/soft_weighted",
-                                        extra=extra, argv=argv)
+                                        extra=extra, argv=argv, validate=validate)
     if args.seeds is not None:
         cfg = dataclasses.replace(cfg, seeds=args.seeds)
     return run_study(cfg, out=args.out, preset=name, data_dir=args.data_dir, seed=args.seed,

@@ -34,6 +34,26 @@ class Config:
     models: tuple | None = None
 
 
+RECIPE_KEYS = ("dataset", "model", "lr", "epochs", "batch_size", "l2")
+
+
+def validate(cfg: Config) -> None:
+    """Refuse a config before any compute (:func:`experiments.common.check_config`)."""
+    if not cfg.recipes:
+        raise ValueError("config recipes is empty: the config names no model")
+    unknown = [m for m in (cfg.models or ()) if m not in cfg.recipes]
+    if unknown or (cfg.models is not None and not cfg.models):
+        raise ValueError(f"config models: unknown {unknown or 'empty'}; known: {sorted(cfg.recipes)}")
+    for name, r in cfg.recipes.items():
+        missing = [k for k in RECIPE_KEYS if k not in r]
+        if missing:
+            raise ValueError(f"config recipes[{name!r}] lacks {missing}")
+        for k in ("epochs", "batch_size"):
+            common.check_number(f"recipes[{name!r}][{k!r}]", r[k], low=1, integer=True)
+        common.check_number(f"recipes[{name!r}]['lr']", r["lr"], low=0, low_open=True)
+        common.check_number(f"recipes[{name!r}]['l2']", r["l2"], low=0)
+
+
 def train_one(name: str, recipe: dict, ds, out: str, seed: int, progress: bool) -> dict:
     """Train one baseline (resuming from its checkpoints) and evaluate it."""
     r = dict(recipe)
@@ -49,7 +69,8 @@ def train_one(name: str, recipe: dict, ds, out: str, seed: int, progress: bool) 
                                             init_key=jax.random.fold_in(key, 0),
                                             key=jax.random.fold_in(key, 1), checkpoints=ck,
                                             progress=progress, desc=name)
-    seconds = time.perf_counter() - t0
+    # the epochs' own times, so that a resumed training reports the time of all its epochs
+    seconds = sum(h["seconds"] for h in history) if history else time.perf_counter() - t0
     ck.close()
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
     row = {"model": name, "dataset": ds.name, "params": n_params, "epochs": r["epochs"],
@@ -65,7 +86,7 @@ def train_one(name: str, recipe: dict, ds, out: str, seed: int, progress: bool) 
 def main(argv=None) -> dict:
     args, cfg, name = common.parse_args(__doc__.splitlines()[0], driver="train_baselines",
                                         config_cls=Config, default_out="runs/train_baselines",
-                                        argv=argv)
+                                        argv=argv, validate=validate)
     path = os.path.join(args.out, "results.json")
     if args.fresh:
         shutil.rmtree(os.path.join(args.out, "checkpoints"), ignore_errors=True)

@@ -120,7 +120,8 @@ def padded_batches(split: Mapping, batch_size: int, *, multiple: int = 1,
     n = split_size(split)
     b = -(-min(int(batch_size), max(n, 1)) // multiple) * multiple
     weight = split.get("weight")
-    index, bw = batch_plan(n, b, weight=None if weight is None else np.asarray(weight, np.float32))
+    index, bw = batch_plan(n, b, weight=None if weight is None else np.asarray(weight, np.float32),
+                           name="the evaluated split (e.g. an empty forget or retain set)")
     cols = {k: np.asarray(split[k]) for k in keys if split.get(k) is not None}
     for i in range(index.shape[0]):
         batch = {k: v[index[i]] for k, v in cols.items()}

@@ -53,7 +53,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxunlearn import sharding
 from jaxunlearn.data.batching import batch_plan, gather_batch, num_batches, resample_plan, split_size
 from jaxunlearn.data.streaming import StreamingSource, global_batch
+from jaxunlearn.evaluation import check_labels
 from jaxunlearn.methods.base import Method, MethodState
+from jaxunlearn.models.api import as_apply
 from jaxunlearn.progress import progress_bar
 
 __all__ = ["Program", "compile", "run", "set_weight", "epoch_plan", "primary_set", "DATA_KEYS"]
@@ -145,7 +147,8 @@ def epoch_plan(key: jax.Array, uses, weights: Mapping[str, np.ndarray], batch_si
     plan = {}
     w = weights[primary]
     if sampling is None:
-        idx, bw = batch_plan(w.size, batch_sizes[primary], key=key, weight=w)
+        idx, bw = batch_plan(w.size, batch_sizes[primary], key=key, weight=w,
+                             name=f"the {primary} set")
     else:
         idx, bw = resample_plan(key, sampling, batch_sizes[primary], loss_weight=w)
     plan[f"{primary}_index"], plan[f"{primary}_weight"] = idx, bw
@@ -156,7 +159,8 @@ def epoch_plan(key: jax.Array, uses, weights: Mapping[str, np.ndarray], batch_si
         k_set = jax.random.fold_in(key, j + 1)
         rows_i, rows_w, passes, c = [], [], [], 0
         while sum(map(len, rows_i)) < steps:
-            i, b = batch_plan(w.size, batch_sizes[name], key=jax.random.fold_in(k_set, c), weight=w)
+            i, b = batch_plan(w.size, batch_sizes[name], key=jax.random.fold_in(k_set, c), weight=w,
+                              name=f"the {name} set")
             rows_i.append(i)
             rows_w.append(b)
             passes.append(np.full(i.shape[0], c, np.int32))
@@ -300,6 +304,48 @@ def _check_sets(method: Method, sets) -> None:
             raise ValueError(f"{method.name} reads the {name!r} set; sets has {sorted(sets)}")
 
 
+def _check_labels(method: Method, variables, sets) -> None:
+    """Integer labels of the in-memory sets must be classes of the model (``method.apply_fn``'s
+    output size: 1 logit = 2 classes), checked on the host before anything compiles."""
+    if method.apply_fn is None:
+        return
+    k = None
+    for name in method.uses:
+        split = sets[name]
+        if _source(split) is not None or split.get("y") is None or split.get("x") is None:
+            continue
+        y = np.asarray(split["y"])
+        if not np.issubdtype(y.dtype, np.integer):
+            continue
+        if k is None:
+            k = _num_outputs(method.apply_fn, variables, np.shape(split["x"])[1:], split["x"].dtype)
+        check_labels(y, k, name=f"the {name} set's 'y'")
+
+
+_OUTPUTS: dict = {}  # (apply_fn, input shape, dtype, variables' shapes) -> number of classes
+
+
+def _num_outputs(apply_fn, variables, shape, dtype) -> int:
+    """The number of classes of a model (1 logit = 2), traced once per model and input shape, so
+    that a grid of runs does not trace the model again for every run."""
+    leaves, treedef = jax.tree.flatten(variables)
+    key = (apply_fn, tuple(shape), np.dtype(dtype).name, treedef,
+           tuple((np.shape(a), np.dtype(a.dtype).name) for a in leaves))
+    try:
+        if key in _OUTPUTS:
+            return _OUTPUTS[key]
+    except TypeError:  # an unhashable apply: trace every time
+        key = None
+    x = jax.ShapeDtypeStruct((1, *shape), dtype)
+    logits, _ = jax.eval_shape(lambda v, xb: as_apply(apply_fn)(v, xb, train=False), variables, x)
+    k = 2 if int(logits.shape[-1]) == 1 else int(logits.shape[-1])
+    if key is not None:
+        if len(_OUTPUTS) > 64:
+            _OUTPUTS.clear()
+        _OUTPUTS[key] = k
+    return k
+
+
 def _widths(method: Method, batch_sizes: dict, primary: str, n_dev: int) -> dict:
     return {name: _round_up(batch_sizes[name] if name == primary else _bucket(batch_sizes[name]), n_dev)
             for name in method.uses}
@@ -346,6 +392,7 @@ def run(method: Method | Program, variables, sets: Mapping[str, Mapping], *, epo
         raise ValueError("the Program was compiled for another mesh; compile(method, mesh=mesh)")
     method, mesh = program.method, program.mesh
     _check_sets(method, sets)
+    _check_labels(method, variables, sets)
     weights = {name: set_weight(sets[name], name) for name in method.uses}
     primary = primary_set(method)
     n_dev = 1 if mesh is None else mesh.shape[program.axis]
@@ -384,9 +431,9 @@ def run(method: Method | Program, variables, sets: Mapping[str, Mapping], *, epo
     if checkpoints is not None:
         restored = checkpoints.restore_latest({"variables": variables, "state": state})
         if restored is not None:
-            _, tree = restored
+            step, tree = restored
             variables, state = tree["variables"], tree["state"]
-            meta = checkpoints.metadata(checkpoints.latest_step()) or {}
+            meta = checkpoints.metadata(step) or {}
             history = list(meta.get("history", []))
             start, start_step = int(meta.get("epoch", len(history))), int(meta.get("step", 0))
             partial = list(meta.get("partial", []))

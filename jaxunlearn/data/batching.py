@@ -31,7 +31,8 @@ def num_batches(n: int, batch_size: int) -> int:
 
 
 def batch_plan(n: int, batch_size: int, *, key: jax.Array | None = None,
-               weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               weight: np.ndarray | None = None,
+               name: str = "the set") -> tuple[np.ndarray, np.ndarray]:
     """Index and weight matrices [num_batches, batch_size] for one pass over ``n`` samples.
 
     Args:
@@ -40,6 +41,7 @@ def batch_plan(n: int, batch_size: int, *, key: jax.Array | None = None,
       key: shuffle with this key (None: keep order); the permutation is drawn on the host
         (:func:`jaxunlearn.data.splits.host_rng`).
       weight: optional [n] per-sample weights (default 1). Samples with weight 0 are dropped.
+      name: what the samples are, for error messages (e.g. ``"the forget set"``).
 
     Returns:
       ``(index, weight)``; padding slots repeat index 0 of the plan with weight 0.
@@ -48,12 +50,12 @@ def batch_plan(n: int, batch_size: int, *, key: jax.Array | None = None,
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     w = np.ones(n, np.float32) if weight is None else np.asarray(weight, np.float32)
     if w.shape != (n,):
-        raise ValueError(f"weight has shape {w.shape}, expected ({n},)")
+        raise ValueError(f"the weight of {name} has shape {w.shape}, expected ({n},)")
     if not np.all(np.isfinite(w)):
-        raise ValueError("weight contains NaN or inf")
+        raise ValueError(f"the weight of {name} contains NaN or inf")
     active = np.flatnonzero(w != 0)
     if active.size == 0:
-        raise ValueError("every sample has weight 0: nothing to batch")
+        raise ValueError(f"every sample of {name} has weight 0: {name} is empty, nothing to batch")
     if key is not None:
         active = active[host_rng(key).permutation(active.size)]  # host draw: no compile per size
     nb = num_batches(active.size, batch_size)

@@ -141,6 +141,14 @@ _ADULT_COLUMNS = (
 _ADULT_LABELS = {"<=50K": 0, ">50K": 1}
 
 
+def _gunzip(data: bytes, path, remedy: str) -> bytes:
+    """The decompressed bytes of a gzip file, or a DataError naming the file and ``remedy``."""
+    try:
+        return gzip.decompress(data)
+    except (EOFError, OSError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path} is corrupt (truncated or not gzip: {e}); {remedy}") from None
+
+
 def _read_adult_files(data_dir, verify: bool) -> dict[str, bytes]:
     """Uncompressed bytes of adult.data and adult.test (embedded copy when data_dir is None)."""
     out = {}
@@ -152,7 +160,9 @@ def _read_adult_files(data_dir, verify: bool) -> dict[str, bytes]:
                 raise MissingDataError(f"adult: the embedded file {fname}.gz is missing from the "
                                        f"installed package ({root}); reinstall jaxunlearn or pass "
                                        "data_dir= a directory holding adult.data and adult.test")
-            out[fname] = gzip.decompress(res.read_bytes())
+            out[fname] = _gunzip(res.read_bytes(), res, "reinstall jaxunlearn (pip install "
+                                 "--force-reinstall) or pass data_dir= a directory holding "
+                                 "adult.data and adult.test")
             what = f"embedded {fname}.gz"
             if verify:
                 verify_sha256(out[fname], ADULT_SHA256[fname], what=what)
@@ -166,7 +176,8 @@ def _read_adult_files(data_dir, verify: bool) -> dict[str, bytes]:
             out[fname] = path.read_bytes()
         elif gz.is_file():
             path = gz
-            out[fname] = gzip.decompress(gz.read_bytes())
+            out[fname] = _gunzip(gz.read_bytes(), gz, f"download {fname} again (UCI Adult) or "
+                                 f"put the uncompressed {fname} in {root}")
         else:
             require_files(root, list(ADULT_SHA256), dataset="adult", describe=describe)
         if verify:

@@ -463,6 +463,7 @@ def refit_head(features, y, *, l2, num_outputs: int = 1, fit_intercept: bool = F
     if not l2 > 0:
         raise ValueError(f"l2 must be > 0 for a strictly convex surrogate with a unique optimum, got {l2}")
     X = design(features, fit_intercept=fit_intercept)
+    _check_head_labels(y, num_outputs, weight, "y")
     reg = l2_vector(features.shape[1], l2, fit_intercept=fit_intercept,
                     penalize_intercept=penalize_intercept, dtype=X.dtype)
     # always the same argument structure, so refits share one compilation per shape
@@ -475,6 +476,19 @@ def refit_head(features, y, *, l2, num_outputs: int = 1, fit_intercept: bool = F
 
 
 # ----------------------------------------------------------------------------- Problem
+
+
+def _check_head_labels(y, num_outputs: int, weight, name: str) -> None:
+    """Labels of the non-padding rows must be classes of a head with ``num_outputs`` logits."""
+    from jaxunlearn.evaluation import check_labels
+
+    if isinstance(y, jax.core.Tracer) or isinstance(weight, jax.core.Tracer):
+        return
+    y = np.asarray(y)
+    if weight is not None:
+        y = y[np.asarray(weight) != 0]
+    if np.issubdtype(y.dtype, np.integer):
+        check_labels(y, 2 if int(num_outputs) == 1 else int(num_outputs), name=name)
 
 
 def _data(W, X, y, weight, l2, num_samples):
@@ -553,6 +567,7 @@ def make_problem(head: dict, batch: dict, *, l2, num_samples=None,
     y = jnp.asarray(y)
     if y.shape != (X.shape[0],):
         raise ValueError(f"y has shape {y.shape}, expected ({X.shape[0]},)")
+    _check_head_labels(y, W.shape[1], weight, "the training batch's 'y'")
     data = _data(W, X, y, None if weight is None else jnp.asarray(weight), reg, num_samples)
     return _scores.Problem(
         data=data,

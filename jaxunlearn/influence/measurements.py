@@ -66,6 +66,7 @@ __all__ = [
     "equal_opportunity",
     "custom",
     "validate_groups",
+    "label_check",
     "linear_adversarial_batch",
     "attack_batch",
 ]
@@ -86,10 +87,37 @@ def _concrete(*xs) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
-def _attach(fn, validate, name):
+def _attach(fn, validate, name, labels=None):
     fn.validate = validate
     fn.__name__ = name
+    if labels is not None:
+        fn.check_labels = labels
     return fn
+
+
+def label_check(apply_fn, model_state=None):
+    """``check(params, batch, name)``: a ValueError if the integer labels of the batch's non-padding
+    rows are not classes of the model (its output size at ``params``; 1 logit = 2 classes).
+    :func:`jaxunlearn.influence.scores.influence_scores` runs it before anything compiles."""
+
+    def check(params, batch, name="the measurement's batch"):
+        from jaxunlearn.evaluation import check_labels
+
+        y, x = batch.get("y"), batch.get("x")
+        if y is None or x is None or not _concrete(y, batch.get("weight")):
+            return
+        y = np.asarray(y)
+        if not np.issubdtype(y.dtype, np.integer):
+            return
+        if batch.get("weight") is not None:
+            y = y[np.asarray(batch["weight"]) != 0]
+        xs = jax.ShapeDtypeStruct((1, *np.shape(x)[1:]), jnp.asarray(x[:1]).dtype)
+        logits = jax.eval_shape(
+            lambda p, xb: as_apply(apply_fn)(_variables(p, model_state), xb, train=False)[0],
+            params, xs)
+        check_labels(y, 2 if int(logits.shape[-1]) == 1 else int(logits.shape[-1]), name=f"{name} 'y'")
+
+    return check
 
 
 def _no_check(batch):
@@ -135,7 +163,7 @@ def _loss_measure(apply_fn, loss_fn, reduction, model_state, name):
             return jnp.sum(w * values)
         return losses.weighted_mean(values, w)
 
-    return _attach(measure, _no_check, f"{name}_{reduction}")
+    return _attach(measure, _no_check, f"{name}_{reduction}", label_check(apply_fn, model_state))
 
 
 @_memoized
@@ -313,7 +341,8 @@ def equal_opportunity(apply_fn, *, loss_fn=losses.cross_entropy, num_groups: int
         validate_groups(batch, num_groups=num_groups, classes=_classes_for_validate(classes, batch),
                         group_key=group_key, what="equal_opportunity")
 
-    return _attach(measure, validate, f"equal_opportunity_{aggregate}")
+    return _attach(measure, validate, f"equal_opportunity_{aggregate}",
+                   label_check(apply_fn, model_state))
 
 
 def _classes_for_validate(classes, batch):

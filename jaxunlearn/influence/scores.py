@@ -47,6 +47,7 @@ from jax.scipy.linalg import solve_triangular
 from jaxunlearn import losses
 from jaxunlearn.influence import grads as _grads
 from jaxunlearn.influence import hvp as _hvp
+from jaxunlearn.influence import measurements as _measurements
 from jaxunlearn.influence import solvers as _solvers
 from jaxunlearn.influence.solvers import DenseFactor, Direct, LinearOperator, Solver
 from jaxunlearn.models.api import as_apply
@@ -154,6 +155,7 @@ def model_loss(apply_fn, *, loss_fn=losses.cross_entropy, model_state: dict | No
         logits, _ = as_apply(apply_fn)({"params": params, **(model_state or {})}, batch["x"], train=False)
         return loss_fn(logits, batch["y"])
 
+    loss.check_labels = _measurements.label_check(apply_fn, model_state)
     return loss
 
 
@@ -287,6 +289,8 @@ def make_problem(loss_fn: Callable, params, batch: dict, *, l2: float = 0.0, sel
         sel, frozen = params, None
     else:
         sel, frozen = _grads.partition(params, select)
+    if hasattr(loss_fn, "check_labels"):
+        loss_fn.check_labels(params, batch, "the training batch's")
     flat, _ = _grads.flatten_params(sel)
     n = _grads.batch_size_of(batch)
     w = np.asarray(_batch_weight(batch, n, flat.dtype))
@@ -342,6 +346,10 @@ def _split_measures(problem: Problem, measures: Mapping[str, Any]):
             validate = getattr(measure, "validate", None)
             if validate is not None:
                 validate(batch)
+            labels = getattr(measure, "check_labels", None)
+            if labels is not None:
+                labels(problem.params_from_flat(problem.data, problem.flat), batch,
+                       f"measurement {name!r}: its batch's")
             names.append(name)
             fns.append(measure)
             batches.append(batch)
@@ -483,6 +491,19 @@ def solve_failure(res, solver: Solver, what: str = "solve") -> Exception:
         return _solvers.NonConvergenceError(
             f"{msg}, above tol {solver.tol:g}: the rank-{solver.rank} inverse is a truncation; raise "
             "rank / num_iters, or pass raise_on_fail=False to accept the approximation")
+    if isinstance(solver, _solvers.LiSSA):
+        res_max = float(jnp.nanmax(res.residual))
+        if not np.isfinite(res_max) or res_max > solver.divergence:
+            return _solvers.DivergenceError(
+                f"{msg}: LiSSA diverged. It converges only if every eigenvalue of H + damping I "
+                "lies in (0, 2 scale): pass a larger LiSSA(scale=...) (at least lambda_max(H + "
+                "damping I) / 2; scale=None estimates it by power iteration) and, if H has "
+                "negative curvature at θ̂ (a non-convex model), damping above |lambda_min|; or use "
+                "the Direct/CG solvers or the last-layer surrogate")
+        return _solvers.NonConvergenceError(
+            f"{msg}: LiSSA needs about (scale / lambda_min(H + damping I)) * ln(1/tol) steps, "
+            f"more than depth={solver.depth}: raise depth, or add damping (it raises lambda_min: "
+            "faster, but a biased inverse), or use CG/Direct for an ill-conditioned H")
     return _solvers.NonConvergenceError(
         msg + "; raise maxiter/depth, add damping or precondition. An early stop with a large "
         "residual means H + damping I is not positive definite along some direction (CG met "

@@ -70,4 +70,4 @@ def bad_teacher(apply_fn, random_teacher, *, temperature: float = 1.0,
         return variables, state._replace(step=state.step + 1, opt_state=opt_state), \
             {"loss": loss, **metrics}
 
-    return base.Method(init, update, name="Bad-T")
+    return base.Method(init, update, name="Bad-T", apply_fn=apply_fn)

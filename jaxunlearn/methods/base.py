@@ -86,6 +86,8 @@ class Method(NamedTuple):
         ``("train",)`` (the loop builds only those; see :func:`jaxunlearn.loop.primary_set`).
       one_shot: the method is a single ``update`` on whole sets (IF, Fisher, NTK).
       name: a short label for reports.
+      apply_fn: the model's ``apply`` when the method has one: :func:`jaxunlearn.loop.run` checks
+        the sets' labels against the model's number of outputs with it before any compute.
     """
 
     init: Callable[[Any], Any]
@@ -93,6 +95,7 @@ class Method(NamedTuple):
     uses: tuple[str, ...] = SETS
     one_shot: bool = False
     name: str = "method"
+    apply_fn: Callable | None = None
 
 
 class MethodState(NamedTuple):

@@ -72,4 +72,4 @@ def boundary_shrink(apply_fn, *, eps: float = 0.1, input_range=(0.0, 1.0),
         return variables, state._replace(step=state.step + 1, opt_state=opt_state), \
             {"loss": loss, **metrics}
 
-    return base.Method(init, update, uses=("forget",), name="BS")
+    return base.Method(init, update, uses=("forget",), name="BS", apply_fn=apply_fn)

@@ -69,4 +69,4 @@ def eu_k(apply_fn, fresh_variables, trainable, *,
         return variables, state._replace(step=state.step + 1, opt_state=opt_state), \
             {"loss": loss, **metrics}
 
-    return base.Method(init, update, uses=("retain",), name="EU-k")
+    return base.Method(init, update, uses=("retain",), name="EU-k", apply_fn=apply_fn)

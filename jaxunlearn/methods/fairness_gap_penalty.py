@@ -262,4 +262,4 @@ def with_fairness_gap_penalty(method: base.Method, apply_fn, *, strength: float,
         return variables, state._replace(step=state.step + 1, opt_state=opt_state, extra=extra), \
             {**metrics, **diag}
 
-    return base.Method(init, update, uses=uses, name=label)
+    return base.Method(init, update, uses=uses, name=label, apply_fn=apply_fn)

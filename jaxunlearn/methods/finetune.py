@@ -57,7 +57,7 @@ def finetune(apply_fn, *, optimizer: optax.GradientTransformation | None = None,
         return variables, state._replace(step=state.step + 1, opt_state=opt_state), \
             {"loss": loss, **metrics}
 
-    return base.Method(init, update, uses=("retain",), name=name)
+    return base.Method(init, update, uses=("retain",), name=name, apply_fn=apply_fn)
 
 
 def cf_k(apply_fn, trainable, *, optimizer: optax.GradientTransformation | None = None) -> base.Method:

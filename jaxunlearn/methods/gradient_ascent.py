@@ -57,4 +57,4 @@ def gradient_ascent(apply_fn, *, optimizer: optax.GradientTransformation,
         return variables, state._replace(step=state.step + 1, opt_state=opt_state), \
             {"loss": loss, **metrics}
 
-    return base.Method(init, update, uses=("forget",), name="GA")
+    return base.Method(init, update, uses=("forget",), name="GA", apply_fn=apply_fn)

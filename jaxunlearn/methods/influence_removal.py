@@ -136,4 +136,4 @@ def influence_unlearning(apply_fn, inverse_hvp: Callable[..., Any], *, num_train
         return {"params": params, **model_state}, state._replace(step=state.step + 1), \
             {"loss": jnp.zeros(()), "step_norm": norm}
 
-    return base.Method(init, update, uses=("forget",), one_shot=True, name="IF")
+    return base.Method(init, update, uses=("forget",), one_shot=True, name="IF", apply_fn=apply_fn)

@@ -59,4 +59,4 @@ def l1_sparse(apply_fn, *, epochs: int, alpha: float = 5e-4,
         return variables, state._replace(step=state.step + 1, opt_state=opt_state), \
             {"loss": loss, **metrics}
 
-    return base.Method(init, update, uses=("retain",), name="L1-sparse")
+    return base.Method(init, update, uses=("retain",), name="L1-sparse", apply_fn=apply_fn)

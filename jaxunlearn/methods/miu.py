@@ -369,7 +369,7 @@ def miu(apply_fn, tune_data: dict, *, num_classes: int, num_sensitive: int, key:
                    "tune_steps": jnp.where(new_epoch, steps, 0).astype(jnp.float32)}
         return variables, state._replace(step=state.step + 1, opt_state=opt_state, extra=extra), metrics
 
-    return base.Method(init, update, name="MIU")
+    return base.Method(init, update, name="MIU", apply_fn=apply_fn)
 
 
 def check_estimators(state: base.MethodState) -> dict:

@@ -67,4 +67,4 @@ def neggrad_plus(apply_fn, *, alpha: float = 0.95, weight_decay: float = 0.1,
         return variables, state._replace(step=state.step + 1, opt_state=opt_state), \
             {"loss": loss, **metrics}
 
-    return base.Method(init, update, name="GA_FT")
+    return base.Method(init, update, name="GA_FT", apply_fn=apply_fn)

@@ -163,4 +163,4 @@ def ntk_forgetting(apply_fn, *, weight_decay: float = 0.1, trainable=None,
         return {"params": params, **model_state}, state._replace(step=state.step + 1), \
             {"loss": jnp.zeros(()), "delta_norm": jnp.linalg.norm(delta)}
 
-    return base.Method(init, update, one_shot=True, name="NTK")
+    return base.Method(init, update, one_shot=True, name="NTK", apply_fn=apply_fn)

@@ -73,4 +73,4 @@ def random_labels(apply_fn, *, optimizer: optax.GradientTransformation | None = 
         return variables, state._replace(step=state.step + 1, opt_state=opt_state), \
             {"loss": loss, **metrics}
 
-    return base.Method(init, update, name=name)
+    return base.Method(init, update, name=name, apply_fn=apply_fn)

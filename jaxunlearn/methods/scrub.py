@@ -91,4 +91,4 @@ def scrub(apply_fn, *, alpha: float = 0.5, gamma: float = 1.0, temperature: floa
         return variables, state._replace(step=state.step + 1, opt_state=opt_state), \
             {"loss": l_min, "max_loss": l_max, "max_step": active.astype(jnp.float32), **metrics}
 
-    return base.Method(init, update, name="SCRUB")
+    return base.Method(init, update, name="SCRUB", apply_fn=apply_fn)

@@ -71,7 +71,7 @@ def train(apply_fn, optimizer: optax.GradientTransformation, *, l2: float = 0.0,
         return variables, state._replace(step=state.step + 1, opt_state=opt_state), \
             {"loss": loss, **metrics}
 
-    return base.Method(init, update, uses=(on,), name=name)
+    return base.Method(init, update, uses=(on,), name=name, apply_fn=apply_fn)
 
 
 def retrain(apply_fn, optimizer: optax.GradientTransformation, *, l2: float = 0.0,
