@@ -681,22 +681,29 @@ def plot_layers(result: dict, path: str) -> None:
 
 
 def plot_scatter(result: dict, path: str) -> None:
-    """Mean fairness-gap vs FGSM and PGD accuracy across the unlearned models (Conjecture 2)."""
+    """Mean fairness-gap vs FGSM and PGD accuracy across the unlearned models (Conjecture 2).
+
+    No text labels (they overlap): colour = method, marker = scope (o full model, ^ last-k;
+    s / D the same with the +FGP penalty), named in one legend beside the panels.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     rows = [r for r in result["rows"] if r["method"] != "Original"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    bases = list(dict.fromkeys(r["method"].removesuffix(PENALTY_SUFFIX) for r in rows))
+    color = {b: plt.cm.tab10(i % 10) for i, b in enumerate(bases)}
+    shapes = {(False, False): "o", (True, False): "^", (False, True): "s", (True, True): "D"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
     for ax, adv in zip(axes, ("fgsm_acc", "pgd_acc")):
         x = [r["gap_mean"] for r in rows]
         y = [r[adv] for r in rows]
         for r, xi, yi in zip(rows, x, y):
-            ax.scatter(xi, yi, marker="o" if r["scope"] == "full" else "^",
-                       color="C3" if PENALTY_SUFFIX in r["method"] else "C0")
-            ax.annotate(variant_name(r["method"], None if r["scope"] == "full" else
-                                     r["scope"][4:]).replace("[last ", "[k"), (xi, yi), fontsize=6)
+            key = (r["scope"] != "full", r["method"].endswith(PENALTY_SUFFIX))
+            ax.scatter(xi, yi, marker=shapes[key], s=40, alpha=0.85, edgecolors="k", linewidths=0.4,
+                       color=color[r["method"].removesuffix(PENALTY_SUFFIX)])
         c = result["correlations"][f"all:gap_mean~{adv}"]
         if c["n"] >= 3 and np.ptp(x) > 0:
             a, b = np.polyfit(x, y, 1)
@@ -706,7 +713,14 @@ def plot_scatter(result: dict, path: str) -> None:
                      f"n = {c['n']})")
         ax.set_xlabel("mean per-layer fairness-gap on D_r")
         ax.set_ylabel(f"{adv.split('_')[0].upper()} accuracy (test, retained classes)")
-    fig.suptitle(f"{result['model']}: Conjecture 2 (o full model, ^ last-k, red +FGP)")
+    handles = [Line2D([], [], ls="", marker="o", color=color[b], label=b) for b in bases]
+    used = {(r["scope"] != "full", r["method"].endswith(PENALTY_SUFFIX)) for r in rows}
+    names = {(False, False): "full model", (True, False): "last-k blocks (Retrain: EU-k)",
+             (False, True): f"full {PENALTY_SUFFIX}", (True, True): f"last-k {PENALTY_SUFFIX}"}
+    handles += [Line2D([], [], ls="", marker=shapes[k], color="0.5", mec="k", label=names[k])
+                for k in shapes if k in used]
+    fig.legend(handles=handles, loc="outside right center", fontsize=8)
+    fig.suptitle(f"{result['model']}: Conjecture 2 (mean fairness-gap vs adversarial accuracy)")
     common.savefig(fig, path)
 
 

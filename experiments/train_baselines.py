@@ -6,8 +6,9 @@ with the paper config, the paper-scale widths). Everything runs offline.
     python -m experiments.train_baselines --config experiments/configs/train_baselines_quick.py \\
         [--set models=adult_lr,adult_mlp] [--out DIR] [--fresh]
 
-Writes ``DIR/results.json`` (rewritten after each model; a rerun skips the finished ones) and
-``DIR/report.md``, with resumable Orbax checkpoints under ``DIR/checkpoints/<model>``: an
+Writes ``DIR/results.json`` (rewritten after each model; a rerun skips the finished ones),
+``DIR/report.md`` and ``DIR/baselines.png`` (train/val/test accuracy per model, training loss per
+epoch), with resumable Orbax checkpoints under ``DIR/checkpoints/<model>``: an
 interrupted training picks up from the last finished epoch.
 """
 
@@ -83,6 +84,37 @@ def train_one(name: str, recipe: dict, ds, out: str, seed: int, progress: bool) 
     return row
 
 
+def plot(rows: list[dict], path: str) -> None:
+    """Accuracy per model (train / val / test bars) and each model's training loss per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
+    xs = np.arange(len(rows))
+    for j, split in enumerate(("train", "val", "test")):
+        acc = [r[f"{split}_accuracy"] for r in rows]
+        bars = ax1.bar(xs + (j - 1) * 0.27, acc, 0.27, label=split)
+        if split == "test":
+            ax1.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+    ax1.set_xticks(xs, [f"{r['model']}\n({r['dataset']})" for r in rows], fontsize=8)
+    ax1.set_ylim(min(0.5, min(r["test_accuracy"] for r in rows) - 0.05), 1.08)
+    ax1.set_ylabel("accuracy")
+    ax1.set_title("Baseline accuracy (test values labelled)")
+    ax1.legend(fontsize=8, loc="upper left", ncol=3)
+    for r in rows:
+        loss = [h["loss"] for h in r["history"] if "loss" in h]
+        ax2.plot(np.arange(1, len(loss) + 1), loss, marker="o", ms=3, label=r["model"])
+    ax2.set_yscale("log")
+    ax2.xaxis.get_major_locator().set_params(integer=True)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("training loss (epoch mean)")
+    ax2.set_title("Training curves")
+    ax2.legend(fontsize=8)
+    common.savefig(fig, path)
+
+
 def main(argv=None) -> dict:
     args, cfg, name = common.parse_args(__doc__.splitlines()[0], driver="train_baselines",
                                         config_cls=Config, default_out="runs/train_baselines",
@@ -113,7 +145,9 @@ def main(argv=None) -> dict:
     common.write_json(path, results)
     cols = ["model", "dataset", "params", "epochs", "train_accuracy", "val_accuracy",
             "test_accuracy", "train_seconds"]
-    report = f"# Baseline models ({name} config)\n\n" + common.markdown_table(rows, cols) + "\n"
+    plot(rows, os.path.join(args.out, "baselines.png"))
+    report = (f"# Baseline models ({name} config)\n\n" + common.markdown_table(rows, cols)
+              + "\n\n![accuracy and training curves](baselines.png)\n")
     common.write_text(os.path.join(args.out, "report.md"), report)
     print(report)
     return results
