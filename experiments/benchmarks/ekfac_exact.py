@@ -138,6 +138,8 @@ def main(argv=None):
     draws = {"x": jnp.tile(X, (args.draws, 1)), "y": jnp.tile(y, args.draws)}
     fits[f"EK-FAC, sampled ({args.draws} draws)"] = ekfac.fit(model.apply, v, draws, jax.random.key(1),
                                                               layers=layers, chunk_size=4096)
+    fits["EK-FAC, fisher='exact'"] = ekfac.fit(model.apply, v, train, None, layers=layers, fisher="exact",
+                                               chunk_size=1024)
     fits["EK-FAC, empirical Fisher"] = ekfac.fit(model.apply, v, train, None, layers=layers, fisher="empirical",
                                                  chunk_size=1024)
 
@@ -193,6 +195,10 @@ def main(argv=None):
             if lam == lam0 and (name.startswith("EK-FAC, sampled (1") or name.startswith("EK-FAC, exact")):
                 dense = Gq @ kron_solve(fac, lam, Gt.T) / n
                 checks[f"{name}: library vs dense factored solve in parameter order (rel)"] = rel(S, dense)
+            if lam == lam0 and name == "EK-FAC, fisher='exact'":
+                S_rep = np.asarray(ekfac.pairwise_scores(model.apply, v, fits["EK-FAC, exact expectation"],
+                                                         {"x": Xq, "y": yq}, train, layers=layers, damping=lam)) / n
+                checks["fisher='exact' vs replicated labels weighted by p (rel)"] = rel(S, S_rep)
             row = {"damping": lam, "method": name,
                    **{f"err_vs_{k}": rel(S, ref) for k, ref in refs.items()},
                    **{f"corr_vs_{k}": corr(S, ref) for k, ref in refs.items()},
