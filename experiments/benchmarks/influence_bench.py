@@ -50,8 +50,8 @@ PEER_KEYS = {"plainjax": "plain JAX", "torch": "torch.func", "pydvl": "pyDVL", "
 # Stages a runner times for comparison only (not part of its pipeline): left out of "stage_total".
 INFORMATIVE = {("jaxunlearn", "A"): ("per_sample_grads",)}
 # XLA:CPU's YNNPACK fusion: the caller's XLA_FLAGS unless --jax-ynn on/off; --jax-ynn both runs the JAX
-# runners with and without it in the same run. Measured (notes of branch perf): jaxunlearn's CG rows
-# equal either way, its gradient stages and plain JAX's scores stage faster with it on.
+# runners with and without it in the same run. Measured on workload A (BUILD_NOTES): jaxunlearn's CG
+# 1.0-1.5x faster with it off, its gradient stages and plain JAX's G V 1.5-40x slower -- no global default.
 YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
 JAX_LIBS = ("jaxunlearn", "plain JAX")
 
