@@ -572,3 +572,31 @@ def test_kronecker_preconditioner_is_the_dense_inverse_and_speeds_up_cg():
         assert int(pre.solve.iterations) < int(plain.solve.iterations)
         for r in (plain, pre):
             np.testing.assert_allclose(r.scores["u"], direct.scores["u"], rtol=1e-7, atol=1e-12)
+
+
+def _two_block_apply(variables, x, train=False):
+    p = variables["params"]
+    return (x @ p["body"]["kernel"]) @ p["head"]["kernel"] + p["head"]["bias"], {}
+
+
+def test_equal_problems_and_measures_reuse_one_compilation():
+    """No module-level memo: problems built twice from the same loss function, and measures built
+    twice from the same arguments, are equal values, so jit's own cache serves the second call."""
+    with x64():
+        head, batch = _softmax_setup(seed=12)
+        params = {"body": {"kernel": jnp.eye(3)}, "head": head}
+        vb = {"x": batch["x"][:20], "y": batch["y"][:20]}
+
+        def run():
+            problem = S.make_problem(_two_block_loss, params, batch, l2=0.05, select="head")
+            m = {"u": (M.utility(_two_block_apply), vb)}
+            return problem, m, S.influence_scores(problem, m, on_nonstationary="ignore")
+
+        p1, m1, r1 = run()
+        size = S._core_jit._cache_size()
+        p2, m2, r2 = run()
+        assert p1.hvp == p2.hvp and p1.hvp is not p2.hvp and m1["u"][0] == m2["u"][0]
+        assert S._core_jit._cache_size() == size
+        np.testing.assert_array_equal(r1.scores["u"], r2.scores["u"])
+        other = S.make_problem(_two_block_loss, params, batch, l2=0.06, select="head")
+        assert other.hvp != p1.hvp

@@ -7,7 +7,8 @@ Workloads (:mod:`experiments.benchmarks.workloads`): B, the MLP 784-128-64-10 (p
 n = 5,000, 500 queries); R, a CPU-scale ResNet-18 (base width 4, 32x32x3 synthetic images,
 n = 512, 50 queries; EK-FAC blocks = the 20 convs + head, BatchNorm fixed). Both libraries run in
 their own interpreter in the same run, on the same weights and data, with the same settings:
-EK-FAC with labels sampled from the model (true Fisher), absolute damping = the workload's
+EK-FAC with labels sampled from the model (true Fisher; jaxunlearn also with ``fisher="exact"``,
+the label expectation in closed form, which kronfluence does not offer), absolute damping = the workload's
 ``hess_shift`` (l2 + damping of H), 1,024-row training batches, all queries scored.
 
 Stage accounting (identical for both): ``factor`` = covariance factors + eigendecompositions +
@@ -44,24 +45,29 @@ def analyse(workload, data, libs, peak):
     for lib, res in libs.items():
         if "methods" not in res:
             continue
-        m = res["methods"]["ekfac"]
-        med = ib.medians(m["stages"])
-        with np.load(res["scores_file"]) as f:
-            S = f["ekfac__scores"]
-        ref = data["ref_scores"]
-        r = ref.shape[0]
-        err = {"scores": ib.rel_err(S[:r], ref), "corr": float(np.corrcoef(S[:r].ravel(), ref.ravel())[0, 1])}
-        frac = {k: flops[k] / med[k] / (peak * 1e9) for k in STAGES if k in flops and med.get(k)}
-        row = {"library": lib, "median_s": med, "errors": err, "fraction_of_peak": frac,
-               "compile_s": m.get("compile"), "check": {k: v for k, v in m.items() if k.startswith("port")}}
-        if lib == "jaxunlearn":
-            base = med
-        rows.append(row)
+        for method, m in res["methods"].items():
+            rows.append(_row(lib, method, m, res, data, flops, peak))
+            if lib == "jaxunlearn" and method == "ekfac":
+                base = rows[-1]["median_s"]
     for row in rows:
         if base and row["library"] != "jaxunlearn":
             row["ratio_vs_jaxunlearn"] = {k: row["median_s"][k] / base[k] for k in STAGES
                                           if k in row["median_s"] and base.get(k)}
     return rows
+
+
+def _row(lib, method, m, res, data, flops, peak):
+    med = ib.medians(m["stages"])
+    with np.load(res["scores_file"]) as f:
+        S = f[f"{method}__scores"]
+    ref = data["ref_scores"]
+    r = ref.shape[0]
+    err = {"scores": ib.rel_err(S[:r], ref), "corr": float(np.corrcoef(S[:r].ravel(), ref.ravel())[0, 1]),
+           "norm_ratio": float(np.linalg.norm(S[:r]) / np.linalg.norm(ref))}
+    frac = {k: flops[k] / med[k] / (peak * 1e9) for k in STAGES if k in flops and med.get(k)}
+    name = lib if method == "ekfac" else f"{lib} ({m.get('fisher', method)} Fisher)"
+    return {"library": name, "median_s": med, "errors": err, "fraction_of_peak": frac,
+            "compile_s": m.get("compile"), "check": {k: v for k, v in m.items() if k.startswith("port")}}
 
 
 def report_md(results) -> str:
@@ -80,15 +86,15 @@ def report_md(results) -> str:
             if "skipped" in res:
                 lines.append(f"* **{lib}: skipped** — {res['skipped']}")
         lines += ["| library | factor (s) | scores (s) | self_influence (s) | total (s) | ratio total (peer/ours) | "
-                  "rel. error vs exact | corr | % peak factor / scores / self | compile (s) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "rel. error vs exact | corr | norm ratio | % peak factor / scores / self | compile (s) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in wres["rows"]:
             med, fr = r["median_s"], r["fraction_of_peak"]
             comp = r["compile_s"]
             lines.append(
                 f"| {r['library']} | " + " | ".join(ib.fmt_s(med.get(k)) for k in STAGES) + " | "
                 + (f"{r['ratio_vs_jaxunlearn']['total']:.2f}" if "ratio_vs_jaxunlearn" in r else "–")
-                + f" | {r['errors']['scores']:.3f} | {r['errors']['corr']:.3f} | "
+                + f" | {r['errors']['scores']:.3f} | {r['errors']['corr']:.3f} | {r['errors']['norm_ratio']:.2f} | "
                 + " / ".join(f"{100 * fr[k]:.1f}" if k in fr else "–" for k in STAGES[:3])
                 + f" | {ib.fmt_s(sum(comp.values())) if comp else '–'} |")
         for r in wres["rows"]:
@@ -108,6 +114,9 @@ def main(argv=None):
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--peers", default="kronfluence", help="'kronfluence' or '' (ours only)")
     ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--jax-methods", default="ekfac,ekfac_exact",
+                    help="jaxunlearn rows: 'ekfac' (sampled labels, kronfluence's setting) and/or "
+                         "'ekfac_exact' (fisher='exact')")
     args = ap.parse_args(argv)
     out = Path(args.out or ib.ROOT / "runs" / ("ekfac_bench_quick" if args.quick else "ekfac_bench"))
     out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +136,8 @@ def main(argv=None):
         for lib, venv, script in RUNNERS:
             if lib != "jaxunlearn" and lib not in args.peers.split(","):
                 continue
-            libs[lib] = ib.run_runner(lib, venv, script, "ekfac", w, path, args.repeats, out, args.timeout)
+            methods = args.jax_methods if lib == "jaxunlearn" else "ekfac"
+            libs[lib] = ib.run_runner(lib, venv, script, methods, w, path, args.repeats, out, args.timeout)
         info = json.loads(str(data["info"]))
         results["workloads"][w] = {"data": str(path), "data_info": info, "libraries": libs,
                                    "rows": analyse(w, data, libs, results["gemm"]["peak_float32"])}

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -48,6 +49,21 @@ RUNNERS = [
 PEER_KEYS = {"plainjax": "plain JAX", "torch": "torch.func", "pydvl": "pyDVL", "kronfluence": "kronfluence"}
 # Stages a runner times for comparison only (not part of its pipeline): left out of "stage_total".
 INFORMATIVE = {("jaxunlearn", "A"): ("per_sample_grads",)}
+# XLA:CPU's YNNPACK fusion: the caller's XLA_FLAGS unless --jax-ynn on/off; --jax-ynn both runs the JAX
+# runners with and without it in the same run. Measured on workload A (BUILD_NOTES): jaxunlearn's CG
+# 1.0-1.5x faster with it off, its gradient stages and plain JAX's G V 1.5-40x slower -- no global default.
+YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
+JAX_LIBS = ("jaxunlearn", "plain JAX")
+
+
+def ynn_env(setting: str) -> dict:
+    """XLA_FLAGS for a JAX runner: the caller's flags with YNN fusion switched ``off`` or left ``on``."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(YNN_OFF.rstrip("="))]
+    if setting == "off":
+        flags.append(YNN_OFF)
+    return {"XLA_FLAGS": " ".join(flags)}
+
+
 # which jaxunlearn method a peer method is compared with
 COUNTERPART = {"direct": "direct", "cg": "cg", "arnoldi": "arnoldi", "ekfac": {"A": "direct", "B": "arnoldi"}}
 
@@ -124,7 +140,7 @@ def run_runner(library, venv, script, methods, workload, data_path, repeats, out
         if not Path(python).exists():
             return {"skipped": f"virtualenv {PEERS_DIR / venv} missing: run "
                                "`bash experiments/benchmarks/setup_peers.sh`"}
-    scores_path = out_dir / f"scores_{workload}_{library.replace('.', '_')}.npz"
+    scores_path = out_dir / f"scores_{workload}_{re.sub('[^A-Za-z0-9]+', '_', library).strip('_')}.npz"
     cmd = [python, str(HERE / script), "--workload", workload, "--data", str(data_path),
            "--repeats", str(repeats), "--scores", str(scores_path), "--methods", methods]
     if cg_rows:
@@ -263,7 +279,7 @@ def analyse(workload, data, libs, peak):
                 ratio = {k: med[k] / jmed[k] for k in med if k in jmed and jmed[k] > 0}
             # identical accounting: stage_total = sum of the pipeline stages the row reports
             incl = [st for st in (pc.STAGES_A if workload == "A" else pc.STAGES_B)
-                    if st in med and st not in INFORMATIVE.get((lib, workload), ())]
+                    if st in med and st not in INFORMATIVE.get((lib.split(" [")[0], workload), ())]
             med["stage_total"] = float(sum(med[st] for st in incl))
             rows.append({"library": lib, "method": method, "median_s": med, "total_includes": incl, "errors": errors(workload, data, scores, method),
                          "fraction_of_peak": frac, "flops": fl, "ratio_vs_jaxunlearn": ratio,
@@ -295,7 +311,8 @@ def report_md(results: dict) -> str:
         f"Repeats: {results['repeats']} (jaxunlearn), {results['peer_repeats']} (peers); medians. "
         f"CG: ||Hx - b|| <= {pc.CG_RTOL:g} ||b||; Arnoldi: rank {pc.ARNOLDI_RANK}, "
         f"{pc.ARNOLDI_KRYLOV} Krylov vectors. jaxunlearn runner OPENBLAS_NUM_THREADS: "
-        f"{results.get('jax_openblas_threads') or 'unset'}. Command: `{results['command']}`.",
+        f"{results.get('jax_openblas_threads') or 'unset'}; JAX runners' YNN fusion: "
+        f"{results.get('jax_ynn', 'on')} (`{YNN_OFF}` when off). Command: `{results['command']}`.",
         "",
     ]
     for w, wres in results["workloads"].items():
@@ -388,6 +405,12 @@ def main(argv=None):
                          "shared, oversubscribed CPU)")
     ap.add_argument("--cg-rows", type=int, default=None,
                     help="workload B: query rows solved by CG (default: the reference rows)")
+    ap.add_argument("--jax-ynn", choices=["inherit", "on", "off", "both"], default="inherit",
+                    help="XLA:CPU YNN fusion for the JAX runners (jaxunlearn, plain JAX): 'inherit' = your "
+                         f"XLA_FLAGS as they are (default), 'on' = XLA's default, 'off' adds {YNN_OFF} to "
+                         "their XLA_FLAGS, 'both' runs each twice (on, then rows '[YNN off]')")
+    ap.add_argument("--methods", default=None,
+                    help="only these methods of every runner (e.g. 'cg'); default: all")
     args = ap.parse_args(argv)
 
     out = Path(args.out or ROOT / "runs" / ("influence_bench_quick" if args.quick else "influence_bench"))
@@ -399,7 +422,7 @@ def main(argv=None):
         raise SystemExit(f"unknown peers {unknown}; choose from {sorted(PEER_KEYS)}")
 
     results = {"command": " ".join(["python -m experiments.benchmarks.influence_bench"] + (argv or sys.argv[1:])),
-               "jax_openblas_threads": args.jax_openblas_threads,
+               "jax_openblas_threads": args.jax_openblas_threads, "jax_ynn": args.jax_ynn,
                "machine": machine_info(), "repeats": args.repeats, "peer_repeats": peer_repeats,
                "quick": args.quick, "settings": {"cg_rtol": pc.CG_RTOL, "cg_maxiter": pc.CG_MAXITER,
                                                  "arnoldi_rank": pc.ARNOLDI_RANK,
@@ -428,11 +451,21 @@ def main(argv=None):
             if lib not in wanted:
                 continue
             reps = args.repeats if lib == "jaxunlearn" else peer_repeats
-            env_extra = None
-            if lib == "jaxunlearn" and args.jax_openblas_threads:
-                env_extra = {"OPENBLAS_NUM_THREADS": str(args.jax_openblas_threads)}
-            libs[lib] = run_runner(lib, venv, script, ma if w == "A" else mb, w, path, reps, out, args.timeout,
-                                   args.cg_rows if w == "B" else None, env_extra)
+            methods = ma if w == "A" else mb
+            if args.methods:
+                methods = ",".join(m for m in methods.split(",") if m in args.methods.split(","))
+                if not methods:
+                    continue
+            settings = [None]
+            if lib in JAX_LIBS and args.jax_ynn != "inherit":
+                settings = ["on", "off"] if args.jax_ynn == "both" else [args.jax_ynn]
+            for ynn in settings:
+                env_extra = ynn_env(ynn) if ynn else {}
+                if lib == "jaxunlearn" and args.jax_openblas_threads:
+                    env_extra["OPENBLAS_NUM_THREADS"] = str(args.jax_openblas_threads)
+                name = lib if ynn in (None, settings[0]) else f"{lib} [YNN {ynn}]"
+                libs[name] = run_runner(name, venv, script, methods, w, path, reps, out, args.timeout,
+                                        args.cg_rows if w == "B" else None, env_extra)
         rows = analyse(w, data, libs, results["gemm"]["peak_float32"])
         info = json.loads(str(data["info"]))
         info.update({"spec": json.loads(str(data["spec"]))})

@@ -30,15 +30,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from experiments.benchmarks import workloads  # noqa: E402
 
 CHUNK = 1024   # training rows per jitted call (kronfluence runner: BATCH = 1024)
+# method -> ekfac.fit(fisher=): "ekfac" = kronfluence's setting (one sampled label per sample and
+# pass); "ekfac_exact" = the same Fisher with the label expectation in closed form (K backward passes)
+FISHER = {"ekfac": "sampled", "ekfac_exact": "exact"}
 
 
-def ekfac_pipeline(timer, apply, variables, layers, train, query, damping, key):
+def ekfac_pipeline(timer, apply, variables, layers, train, query, damping, key, fisher="sampled"):
     """The only place that calls the influence API: fit EK-FAC, pairwise scores, self-influence."""
     from jaxunlearn.influence import ekfac
 
     timer.sync = jax.block_until_ready     # each stage ends when its arrays are ready
     with timer.stage("factor") as box:
-        fac = ekfac.fit(apply, variables, train, key, layers=layers, chunk_size=CHUNK)
+        fac = ekfac.fit(apply, variables, train, key if fisher == "sampled" else None, layers=layers,
+                        fisher=fisher, chunk_size=CHUNK)
         box.append(fac)
     with timer.stage("scores") as box:
         S = ekfac.pairwise_scores(apply, variables, fac, query, train, layers=layers, damping=damping,
@@ -95,8 +99,9 @@ def analytic_flops(apply, variables, layers, x, n, nq):
 
 def main():
     args = pc.parse_args(default_methods="ekfac")
-    if args.workload not in ("B", "R") or args.methods != "ekfac":
-        raise SystemExit("run_ekfac: workload B or R, method ekfac")
+    methods = args.methods.split(",")
+    if args.workload not in ("B", "R") or not set(methods) <= set(FISHER):
+        raise SystemExit(f"run_ekfac: workload B or R, methods from {sorted(FISHER)}")
     data = pc.load(args.data)
     model, variables = model_for(args.workload, data)
     X, y = jnp.asarray(data["X"]), jnp.asarray(data["y"])
@@ -110,15 +115,18 @@ def main():
     flops = analytic_flops(model.apply, variables, layers, X, n, query["x"].shape[0])
     key = jax.random.key(0)
 
-    t0 = time.perf_counter()
-    ekfac_pipeline(pc.Timer(), model.apply, variables, layers, train, query, damping, key)   # compile
-    first = time.perf_counter() - t0
-    stages, (S, s) = pc.run_repeats(
-        lambda tm: ekfac_pipeline(tm, model.apply, variables, layers, train, query, damping, key), args.repeats)
-    info = {"stages": stages, "compile": {"all": max(first - float(np.median(stages["total"])), 0.0)},
-            "flops": flops, "layers": len(layers)}
-    pc.emit("jaxunlearn", "ekfac", {"ekfac": info},
-            {"ekfac__scores": np.asarray(S) / n, "ekfac__self": np.asarray(s) / n}, args.scores)
+    infos, arrays = {}, {}
+    for method in methods:
+        run = lambda tm: ekfac_pipeline(tm, model.apply, variables, layers, train, query, damping, key,
+                                        fisher=FISHER[method])
+        t0 = time.perf_counter()
+        run(pc.Timer())   # compile
+        first = time.perf_counter() - t0
+        stages, (S, s) = pc.run_repeats(run, args.repeats)
+        infos[method] = {"stages": stages, "compile": {"all": max(first - float(np.median(stages["total"])), 0.0)},
+                         "flops": flops, "layers": len(layers), "fisher": FISHER[method]}
+        arrays.update({f"{method}__scores": np.asarray(S) / n, f"{method}__self": np.asarray(s) / n})
+    pc.emit("jaxunlearn", "ekfac", infos, arrays, args.scores)
 
 
 if __name__ == "__main__":

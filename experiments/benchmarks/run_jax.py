@@ -7,7 +7,8 @@ Workload A (last-layer closed form, :mod:`jaxunlearn.influence.last_layer`):
     measurements on :func:`last_layer.head_apply`), the structured Hessian (:func:`last_layer.hessian`),
     Cholesky, ``cho_solve``, scores by :func:`last_layer.grads_dot` (no n x p matrix), exact
     self-influence (:func:`last_layer.self_influence`).
-  * ``cg``: the same with :func:`solvers.solve_cg` on structured HVPs (:func:`last_layer.hvp`).
+  * ``cg``: the same with :class:`solvers.CG` on the structured block HVP (:func:`last_layer.hvp`,
+    the three measurements as one [p, 3] product) and the problem's Kronecker preconditioner.
   * ``direct_api`` / ``cg_api``: the one-call user path, :func:`scores.influence_scores` (with
     ``with_self_influence=True`` for direct) on :func:`last_layer.make_problem`; its first call
     (compilation) is excluded from the medians and reported as compile time.
@@ -121,13 +122,15 @@ def run_a(data, methods, repeats):
                      lambda W, X, y, L: ll.self_influence(W, X, y, l2=l2, cholesky=L), W, X, y, L0)
     hvp1 = Compiled(comp, "hvp", lambda W, X, v: ll.hvp(W, X, v, l2=l2), W, X, B0[:, 0])
 
-    def cg_fn(W, X, B):
-        P = ll.probabilities(W, X)
-        return solvers.solve_cg(lambda v: ll.hvp(W, X, v, l2=l2, probs=P), B, tol=pc.CG_RTOL,
-                                maxiter=pc.CG_MAXITER, raise_on_fail=False)
+    def cg_fn(data, B):
+        # all three columns as one [p, 3] block HVP per iteration (two GEMMs), preconditioned by
+        # the closed-form problem's Kronecker factorisation (set-up included in the stage)
+        op = solvers.LinearOperator(lambda V: problem.hvp(data, V),
+                                    preconditioner=lambda damping: problem.preconditioner(data, damping))
+        return solvers.CG(tol=pc.CG_RTOL, maxiter=pc.CG_MAXITER, raise_on_fail=False).solve(op, B)
 
     comp_cg = dict(comp)
-    cg = Compiled(comp_cg, "solve", cg_fn, W, X, B0)
+    cg = Compiled(comp_cg, "solve", cg_fn, problem.data, B0)
 
     def direct(tm):
         with tm.stage("per_sample_grads") as box:
@@ -161,7 +164,7 @@ def run_a(data, methods, repeats):
         with tm.stage("hvp") as box:
             box.append(hvp1(W, X, B[:, 0]))
         with tm.stage("solve") as box:
-            res = cg(W, X, B)
+            res = cg(problem.data, B)
             box.append(res.x)
         with tm.stage("scores") as box:
             S = score(W, X, y, res.x)

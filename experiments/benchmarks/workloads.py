@@ -538,8 +538,14 @@ def main(argv=None):
     ap.add_argument("--workload", choices=["A", "B", "R"], required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a spec field (Python literal), e.g. --set n=1000 --set hidden=(32,16)")
     args = ap.parse_args(argv)
     s = spec(args.workload, args.quick)
+    if args.set:
+        import ast
+
+        s = dataclasses.replace(s, **{k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.set)})
     arrays = {"A": make_a, "B": make_b, "R": make_r}[args.workload](s)
     np.savez(args.out, **arrays)
     print(json.dumps({"workload": args.workload, "out": args.out, **json.loads(str(arrays["info"]))}))

@@ -49,6 +49,7 @@ removing i would reduce unfairness / adversarial loss.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Sequence
 
@@ -124,29 +125,52 @@ def _no_check(batch):
     del batch
 
 
-def _memoized(factory):
-    """Return the same measure for the same (hashable) factory arguments.
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Measure:
+    """A measure built by ``factory(*args, **kwargs)``, equal to any other built from the same
+    (hashable) arguments: measures are static arguments of the jitted scoring functions, so equal
+    measures reuse compilations through jit's own cache (no module-level memo). Attributes of the
+    built function (``validate``, ``__name__``) are forwarded."""
 
-    Measures are static arguments of the jitted scoring functions, so handing back the identical
-    function object lets repeated calls reuse compilations. Factories called with a
-    ``model_state`` (arrays) or other unhashable arguments build a fresh measure.
-    """
+    factory: Callable
+    args: tuple
+    kwargs: tuple
+    fn: Callable
 
-    @functools.lru_cache(maxsize=256)
-    def cached(args, kw_items):
-        return factory(*args, **dict(kw_items))
+    def __call__(self, params, batch):
+        return self.fn(params, batch)
+
+    def __getattr__(self, name):
+        if name == "fn":   # not yet set (copy / unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.fn, name)
+
+    def _key(self):
+        return (self.factory, self.args, self.kwargs)
+
+    def __eq__(self, other):
+        return isinstance(other, _Measure) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+
+def _by_value(factory):
+    """Factories return :class:`_Measure` values when their arguments are hashable; a
+    ``model_state`` (arrays) or other unhashable arguments give a plain function."""
 
     @functools.wraps(factory)
     def wrapper(*args, **kwargs):
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-        if kwargs.get("model_state") is None:
-            try:
-                key = (args, tuple(sorted(kwargs.items())))
-                hash(key)
-            except TypeError:
-                return factory(*args, **kwargs)
-            return cached(*key)
-        return factory(*args, **kwargs)
+        fn = factory(*args, **kwargs)
+        if kwargs.get("model_state") is not None:
+            return fn
+        key = (args, tuple(sorted(kwargs.items())))
+        try:
+            hash(key)
+        except TypeError:
+            return fn
+        return _Measure(factory, *key, fn)
 
     return wrapper
 
@@ -166,7 +190,7 @@ def _loss_measure(apply_fn, loss_fn, reduction, model_state, name):
     return _attach(measure, _no_check, f"{name}_{reduction}", label_check(apply_fn, model_state))
 
 
-@_memoized
+@_by_value
 def utility(apply_fn, *, loss_fn=losses.cross_entropy, reduction: str = "mean",
             model_state: dict | None = None) -> Callable:
     """The loss on a (validation) batch: ``(1/m) sum_i w_i ell_i`` (mean) or ``sum_i w_i ell_i``.
@@ -264,7 +288,7 @@ def _aggregate(v, pooled, aggregate, orientation):
     return jnp.mean(jnp.abs(v - pooled[None]), axis=0)
 
 
-@_memoized
+@_by_value
 def demographic_parity(apply_fn, *, num_groups: int = 2, aggregate: str = "signed",
                        classes: Sequence[int] | None = None, group_key: str = "group",
                        model_state: dict | None = None) -> Callable:
@@ -307,7 +331,7 @@ def demographic_parity(apply_fn, *, num_groups: int = 2, aggregate: str = "signe
     return _attach(measure, validate, f"demographic_parity_{aggregate}")
 
 
-@_memoized
+@_by_value
 def equal_opportunity(apply_fn, *, loss_fn=losses.cross_entropy, num_groups: int = 2,
                       aggregate: str = "signed", classes: Sequence[int] | None = None,
                       group_key: str = "group", model_state: dict | None = None) -> Callable:

@@ -35,6 +35,7 @@ over): :func:`make_problem` builds it by autodiff for any model and parameter su
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple
@@ -187,30 +188,37 @@ class _Fns(NamedTuple):
     params_from_flat: Callable
 
 
-@functools.lru_cache(maxsize=64)
-def _generic_fns(loss_fn, l2, chunk_size, hvp_mode, hessian_chunk_size) -> _Fns:
-    """The autodiff functions of a :class:`Problem`, cached so repeated problems reuse compilations.
+@dataclasses.dataclass(frozen=True)
+class _Autodiff:
+    """The autodiff functions of a :class:`Problem` for one loss and its static settings.
 
-    They depend only on static settings; parameter structure and sizes come from ``data``.
+    A value, not a cache: two problems built with the same ``loss_fn`` object and settings hold
+    equal objects, so the jitted scoring functions (which take the problem's functions as static
+    arguments) reuse their compilations through jit's own cache. Parameter structure and sizes
+    come from ``data``.
     """
 
-    def full(p, fz):
-        return p if fz is None else _grads.combine(p, fz)
+    loss_fn: Callable
+    l2: float
+    chunk_size: int | None
+    hvp_mode: str
+    hessian_chunk_size: int
 
-    def objective(p, fz, b):
-        return _grads.make_mean_objective(loss_fn, l2=l2, frozen=fz)(p, b)
+    def _objective(self, p, fz, b):
+        return _grads.make_mean_objective(self.loss_fn, l2=self.l2, frozen=fz)(p, b)
 
-    def gradient(data):
-        return _grads.flatten_params(jax.grad(objective)(data["params"], data["frozen"], data["batch"]))[0]
+    def gradient(self, data):
+        return _grads.flatten_params(jax.grad(self._objective)(data["params"], data["frozen"], data["batch"]))[0]
 
-    def hvp_fn(data, V):
-        return _hvp.make_flat_hvp(objective, data["params"], data["frozen"], data["batch"], mode=hvp_mode)(V)
+    def hvp(self, data, V):
+        return _hvp.make_flat_hvp(self._objective, data["params"], data["frozen"], data["batch"],
+                                  mode=self.hvp_mode)(V)
 
-    def hessian(data):
-        return _hvp.dense_hessian(objective, data["params"], data["frozen"], data["batch"],
-                                  chunk_size=hessian_chunk_size)
+    def hessian(self, data):
+        return _hvp.dense_hessian(self._objective, data["params"], data["frozen"], data["batch"],
+                                  chunk_size=self.hessian_chunk_size)
 
-    def grads_dot(data, V):
+    def grads_dot(self, data, V):
         fz, b = data["frozen"], data["batch"]
         f0, unravel = _grads.flatten_params(data["params"])
         n = _grads.batch_size_of(b)
@@ -218,41 +226,54 @@ def _generic_fns(loss_fn, l2, chunk_size, hvp_mode, hessian_chunk_size) -> _Fns:
 
         def rows(index):
             sub = _take_rows(b, index)
-            _, lin = jax.linearize(lambda f: loss_fn(full(unravel(f), fz), sub), f0)
+            _, lin = jax.linearize(lambda f: self.loss_fn(_full(unravel(f), fz), sub), f0)
             return jax.vmap(lin, in_axes=1, out_axes=1)(Vm)  # [c, q]: g_i^T v by forward mode
 
-        out = jax.lax.map(rows, _row_chunks(n, chunk_size)).reshape(-1, Vm.shape[1])[:n]
+        out = jax.lax.map(rows, _row_chunks(n, self.chunk_size)).reshape(-1, Vm.shape[1])[:n]
         out = out * (_batch_weight(b, n, out.dtype) != 0)[:, None]
         return out[:, 0] if V.ndim == 1 else out
 
-    def grads_tdot(data, U):
+    def grads_tdot(self, data, U):
         fz, b = data["frozen"], data["batch"]
         f0, unravel = _grads.flatten_params(data["params"])
         n = _grads.batch_size_of(b)
         Um = (U[:, None] if U.ndim == 1 else U).astype(f0.dtype)
         Um = Um * (_batch_weight(b, n, Um.dtype) != 0)[:, None]
-        index = _row_chunks(n, chunk_size)
+        index = _row_chunks(n, self.chunk_size)
         nc, c = index.shape
         Uc = jnp.concatenate([Um, jnp.zeros((nc * c - n, Um.shape[1]), Um.dtype)]).reshape(nc, c, -1)
 
         def body(acc, args):  # sum_i u_i g_i by reverse mode over a chunk of rows
             idx, u = args
             sub = _take_rows(b, idx)
-            _, vjp = jax.vjp(lambda f: loss_fn(full(unravel(f), fz), sub), f0)
+            _, vjp = jax.vjp(lambda f: self.loss_fn(_full(unravel(f), fz), sub), f0)
             return acc + jax.vmap(lambda col: vjp(col.astype(f0.dtype))[0], in_axes=1, out_axes=1)(u), None
 
         acc, _ = jax.lax.scan(body, jnp.zeros((f0.shape[0], Um.shape[1]), f0.dtype), (index, Uc))
         return acc[:, 0] if U.ndim == 1 else acc
 
-    def grads_rows(data, index):
+    def grads_rows(self, data, index):
         sub = _take_rows(data["batch"], index)
-        return _grads.per_sample_grads_flat(loss_fn, data["params"], sub, frozen=data["frozen"],
-                                            chunk_size=chunk_size)
+        return _grads.per_sample_grads_flat(self.loss_fn, data["params"], sub, frozen=data["frozen"],
+                                            chunk_size=self.chunk_size)
 
-    def params_from_flat(data, f):
-        return full(_grads.flatten_params(data["params"])[1](f), data["frozen"])
+    def params_from_flat(self, data, f):
+        return _full(_grads.flatten_params(data["params"])[1](f), data["frozen"])
 
-    return _Fns(gradient, hvp_fn, hessian, grads_dot, grads_tdot, grads_rows, params_from_flat)
+
+def _full(p, fz):
+    return p if fz is None else _grads.combine(p, fz)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Method:
+    """``owner.name`` as a callable that compares by value (bound methods compare by identity)."""
+
+    owner: Any
+    name: str
+
+    def __call__(self, *args):
+        return getattr(self.owner, self.name)(*args)
 
 
 HESSIAN_CHUNK = 256  # Hessian columns per chunk (2,560 columns at once: 11 GB, 151 s on workload A)
@@ -295,11 +316,10 @@ def make_problem(loss_fn: Callable, params, batch: dict, *, l2: float = 0.0, sel
     n = _grads.batch_size_of(batch)
     w = np.asarray(_batch_weight(batch, n, flat.dtype))
     hc = int(min(HESSIAN_CHUNK if hessian_chunk_size is None else hessian_chunk_size, flat.shape[0]))
-    fns = _generic_fns(loss_fn, float(l2), None if chunk_size is None else int(chunk_size), hvp_mode, hc)
+    ad = _Autodiff(loss_fn, float(l2), None if chunk_size is None else int(chunk_size), hvp_mode, hc)
+    fns = {name: _Method(ad, name) for name in _Fns._fields}
     return Problem(data={"params": sel, "frozen": frozen, "batch": batch}, flat=flat, num_train=n,
-                   normalizer=float(max(np.count_nonzero(w), 1)), gradient=fns.gradient, hvp=fns.hvp,
-                   hessian=fns.hessian, grads_dot=fns.grads_dot, grads_tdot=fns.grads_tdot,
-                   grads_rows=fns.grads_rows, params_from_flat=fns.params_from_flat)
+                   normalizer=float(max(np.count_nonzero(w), 1)), **fns)
 
 
 # ----------------------------------------------------------------------------- scoring
