@@ -26,6 +26,8 @@ from the original model; the Newton step is what makes the SW- version move.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,19 +82,35 @@ def fisher_diagonal(apply_fn, variables, retain: dict, *, batch_size: int = 32, 
     params, model_state = base.split_model_state(variables)
     selected, leaves_all, treedef = _selected(params, trainable)
     retain, count = _weighted(retain)
-
-    @jax.jit
-    def step(total, args, batch):
-        fi = _fisher_batch(apply_fn, selected, *args, batch["x"], batch["weight"])
-        return [a + b for a, b in zip(total, fi)]
-
-    total = evaluation.accumulate(step, [jnp.zeros_like(leaves_all[i]) for i in selected],
+    total = evaluation.accumulate(_fisher_step(apply_fn, selected), [jnp.zeros_like(leaves_all[i]) for i in selected],
                                   (params, model_state), retain, batch_size=min(batch_size, count),
                                   keys=("x",), mesh=mesh)
     out = [jnp.full_like(l, jnp.nan) for l in leaves_all]
     for i, t in zip(selected, total):
         out[i] = t / count
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# The jitted batch steps, one per (apply_fn, selected leaves): built once and reused, so repeated
+# calls (a Newton line search, one Fisher per run of a study) do not recompile.
+@functools.lru_cache(maxsize=64)
+def _fisher_step(apply_fn, selected):
+    @jax.jit
+    def step(total, args, batch):
+        fi = _fisher_batch(apply_fn, selected, *args, batch["x"], batch["weight"])
+        return [a + b for a, b in zip(total, fi)]
+
+    return step
+
+
+@functools.lru_cache(maxsize=64)
+def _objective_step(apply_fn, selected):
+    @jax.jit
+    def step(acc, args, batch):
+        vi, gi = _objective_batch(apply_fn, selected, *args, batch["x"], batch["y"], batch["weight"])
+        return acc[0] + vi, [a + b for a, b in zip(acc[1], gi)]
+
+    return step
 
 
 def _objective_batch(apply_fn, selected, params, model_state, x, y, w):
@@ -127,14 +145,8 @@ def _retain_objective(apply_fn, variables, retain, l2, batch_size, trainable, me
     params, model_state = base.split_model_state(variables)
     selected, leaves_all, treedef = _selected(params, trainable)
     retain, count = _weighted(retain)
-
-    @jax.jit
-    def step(acc, args, batch):
-        vi, gi = _objective_batch(apply_fn, selected, *args, batch["x"], batch["y"], batch["weight"])
-        return acc[0] + vi, [a + b for a, b in zip(acc[1], gi)]
-
     value, total = evaluation.accumulate(
-        step, (jnp.zeros(()), [jnp.zeros_like(leaves_all[i]) for i in selected]),
+        _objective_step(apply_fn, selected), (jnp.zeros(()), [jnp.zeros_like(leaves_all[i]) for i in selected]),
         (params, model_state), retain, batch_size=min(batch_size, count), keys=("x", "y"), mesh=mesh)
     penalty = sum(jnp.sum(jnp.square(l)) for l in leaves_all)
     out = [jnp.full_like(l, jnp.nan) for l in leaves_all]
