@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxunlearn import losses, sharding
 from jaxunlearn.data.batching import batch_plan, split_size
+from jaxunlearn.data.streaming import split_source
 from jaxunlearn.models.api import as_apply
 
 __all__ = ["Metric", "Evaluator", "evaluator", "evaluate", "accuracy", "confusion", "predict",
@@ -116,11 +117,20 @@ def confusion(*, num_classes: int, num_groups: int | None = None) -> Metric:
 def padded_batches(split: Mapping, batch_size: int, *, multiple: int = 1,
                    keys=("x", "y", "group", "index")) -> Iterator[dict]:
     """Numpy batches of ``split`` in order, each of ``batch_size`` rows (rounded up to ``multiple``),
-    the last padded with weight-0 copies; ``split["weight"]`` (if any) is carried, 0 rows skipped."""
+    the last padded with weight-0 copies; ``split["weight"]`` (if any) is carried, 0 rows skipped.
+
+    A streamed split (``x`` a :class:`~jaxunlearn.data.streaming.SourceArray`) is read from disk
+    batch by batch with grain (:meth:`~jaxunlearn.data.StreamingSource.batches`, this process's
+    slice of every batch)."""
     n = split_size(split)
     b = -(-min(int(batch_size), max(n, 1)) // multiple) * multiple
     weight = split.get("weight")
     index, bw = batch_plan(n, b, weight=None if weight is None else np.asarray(weight, np.float32))
+    source = split_source(split)
+    if source is not None:
+        for batch in source.batches(index, bw):
+            yield {k: batch[k] for k in (*keys, "weight") if k in batch}
+        return
     cols = {k: np.asarray(split[k]) for k in keys if split.get(k) is not None}
     for i in range(index.shape[0]):
         batch = {k: v[index[i]] for k, v in cols.items()}
@@ -214,8 +224,10 @@ def evaluate(apply_fn, variables, split: Mapping, *, batch_size: int = 1024,
 
 def predict(apply_fn, variables, x, *, batch_size: int = 1024, mesh: Mesh | None = None,
             axis: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Logits [n, K] and penultimate features [n, F] for inputs ``x`` [n, ...] (eval mode)."""
-    x = np.asarray(x)
+    """Logits [n, K] and penultimate features [n, F] for inputs ``x`` [n, ...] (eval mode); ``x``
+    may be a streamed split's :class:`~jaxunlearn.data.streaming.SourceArray` (read in batches)."""
+    if split_source({"x": x}) is None:
+        x = np.asarray(x)
     n = x.shape[0]
 
     @jax.jit
