@@ -91,9 +91,14 @@ def _config_file(tmp_path, driver, preset, body):
 MESH = ["--mesh", "all", "--no-progress", "--fresh"]
 
 
+# One preset per study runs here (ResNet-18 and ViT, CelebA and CIFAR-10, every driver's streaming
+# path and MIU's streamed tuning set): a ResNet preset costs about a minute of CPU even this small
+# (mostly XLA compiling the model), and the suite's CI budget is spent. The other image presets,
+# soft_weighted cifar100-resnet50 and fairness_gap quick_cifar10 / cifar10_resnet50, take the same
+# code paths with another loader or architecture; add them to these lists to run them (each ran
+# once this way; BUILD_NOTES has the record).
 @pytest.mark.parametrize("preset, extra", [
     ("celeba-resnet18", ["tasks=dp", "image_size=8"]),
-    ("cifar100-resnet50", []),
 ])
 def test_soft_weighted_presets_stream(tmp_path, tiny_tfds_dir, streamed_batches, preset, extra):
     from experiments import soft_weighted as sw
@@ -121,9 +126,7 @@ cfg["recipes"] = {name: dict(r, **tiny[name], last_k=1,
 
 
 @pytest.mark.parametrize("preset, models, memory", [
-    ("quick_cifar10", ("resnet18",), ("GA",)),
-    ("cifar10_resnet50", ("resnet50",), ()),
-    ("cifar10_vit", ("vit",), ()),
+    ("cifar10_vit", ("vit",), ("GA",)),
 ])
 def test_fairness_gap_presets_stream(tmp_path, tiny_tfds_dir, streamed_batches, preset, models,
                                      memory):
