@@ -35,7 +35,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 __all__ = ["CONFIG_DIR", "config_path", "presets", "load_config", "apply_overrides", "parse_args",
-           "cosine_adam", "make_optimizer", "build_model", "load_dataset", "train_model",
+           "cosine_adam", "make_optimizer", "build_model", "check_input", "load_dataset", "train_model",
            "write_text", "write_json", "write_csv", "resume_rows", "markdown_table", "timer",
            "environment", "savefig", "check_out", "check_config", "check_number"]
 
@@ -360,16 +360,41 @@ def build_model(kind: str, input_shape, num_classes: int, **kw):
     raise ValueError(f"unknown model {kind!r}; choose lr, mlp, resnet18, resnet50 or vit")
 
 
+INPUTS = ("memory", "stream")
+TFDS_IMAGES = ("celeb_a", "cifar10", "cifar100")  # the datasets that can be streamed
+
+
+def check_input(input: str, name: str) -> bool:
+    """Whether dataset ``name`` is streamed: ``input`` is ``"memory"`` (arrays, the default for
+    small data) or ``"stream"`` (a TFDS array_record image dataset read batch by batch with grain;
+    :func:`jaxunlearn.data.streaming.streamed_split`).
+
+    Raises:
+      ValueError: an unknown ``input``, or ``"stream"`` for a dataset that is not TFDS images.
+    """
+    if input not in INPUTS:
+        raise ValueError(f"input must be one of {INPUTS}, got {input!r}")
+    if input == "stream" and name not in TFDS_IMAGES:
+        raise ValueError(f"input='stream' reads TFDS array_record images ({', '.join(TFDS_IMAGES)}); "
+                         f"{name!r} is loaded into memory: set input='memory'")
+    return input == "stream"
+
+
 def load_dataset(name: str, *, data_dir: str | None = None, seed: int = 0, image_size: int = 32,
-                 max_train: int | None = None):
+                 max_train: int | None = None, input: str = "memory", progress: bool = False):
     """A dataset by name. ``adult``, ``digits`` and ``digits_spurious`` are embedded; the others
     read ``data_dir`` (``bank``, ``german``: the UCI files; ``celeb_a``, ``civil_comments``,
-    ``cifar100``: TFDS; ``waterbirds``, ``fairface``: metadata CSV + images at ``image_size``).
-    ``max_train`` subsamples Adult's training split and caps the TFDS datasets' examples."""
+    ``cifar10``, ``cifar100``: TFDS; ``waterbirds``, ``fairface``: metadata CSV + images at
+    ``image_size``). ``max_train`` subsamples Adult's training split and caps the TFDS datasets'
+    examples. ``input="stream"`` (:func:`check_input`) returns the TFDS image datasets with
+    streamed splits: labels in memory, images read from the array_record files batch by batch by
+    :func:`jaxunlearn.loop.run` and :mod:`jaxunlearn.evaluation` (on the ``--mesh``, each process
+    reading its slice of every batch)."""
     import jax
 
     from jaxunlearn import data
 
+    stream = check_input(input, name)
     if name == "adult":
         ds = data.load_adult(data_dir, seed=seed)
         if max_train is not None:
@@ -386,12 +411,15 @@ def load_dataset(name: str, *, data_dir: str | None = None, seed: int = 0, image
         return data.load_bank(data_dir, seed=seed)
     if name == "german":
         return data.load_german(data_dir, seed=seed)
+    tfds_kw = dict(data_dir=data_dir, max_examples=max_train, progress=progress)
     if name == "celeb_a":
-        return data.load_celeb_a(size=image_size, data_dir=data_dir, max_examples=max_train)
+        return data.load_celeb_a(size=image_size, stream=stream, **tfds_kw)
     if name == "civil_comments":
-        return data.load_civil_comments(data_dir=data_dir, max_examples=max_train)
+        return data.load_civil_comments(**tfds_kw)
+    if name == "cifar10":
+        return data.load_cifar10(seed=seed, stream=stream, **tfds_kw)
     if name == "cifar100":
-        return data.load_cifar100(data_dir=data_dir, max_examples=max_train)
+        return data.load_cifar100(stream=stream, **tfds_kw)
     if name == "waterbirds":
         return data.load_waterbirds(data_dir, size=image_size)
     if name == "fairface":

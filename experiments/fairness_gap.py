@@ -72,6 +72,7 @@ class Config:
     dataset: str = "digits"            # digits (embedded) or cifar10 (TFDS, --data-dir)
     max_train: int | None = None       # digits: subsample the training split
     max_examples: int | None = None    # cifar10: cap the TFDS examples
+    input: str = "memory"              # cifar10: "stream" reads TFDS batch by batch (common.check_input)
     forget_class: int = 3
     recipes: dict = dataclasses.field(default_factory=dict)
     models: tuple | None = None
@@ -244,8 +245,8 @@ def load_dataset(cfg: Config, data_dir: str | None, seed: int, progress: bool) -
         if not data_dir:
             raise ValueError("this config reads CIFAR-10 from TFDS: pass --data-dir DIR with "
                              "cifar10 prepared in the array_record format")
-        return data.load_cifar10(data_dir=data_dir, max_examples=cfg.max_examples, seed=seed,
-                                 progress=progress)
+        return common.load_dataset("cifar10", data_dir=data_dir, max_train=cfg.max_examples,
+                                   seed=seed, progress=progress, input=cfg.input)
     raise ValueError(f"dataset: unknown {cfg.dataset!r}; choose digits or cifar10")
 
 
@@ -313,7 +314,7 @@ def adversarial_accuracy(apply_fn, variables, split: dict, *, attack: str, eps: 
     """White-box FGSM / PGD accuracy over a split, in padded batches (one compile per model)."""
     n = data.split_size(split)
     index, bw = data.batch_plan(n, min(batch_size, n))
-    x, y = np.asarray(split["x"]), np.asarray(split["y"])
+    x, y = split["x"], np.asarray(split["y"])  # x: an array or a streamed split's SourceArray
     correct = 0.0
     for i in range(index.shape[0]):
         correct += float(_adv_correct(apply_fn, attack, float(eps), int(steps), INPUT_RANGE,
@@ -366,9 +367,9 @@ def compiled_memory(fn, *args) -> dict:
 
 
 def _batch(split: dict, b: int, weight: float = 1.0) -> dict:
-    idx = np.arange(b) % data.split_size(split)
-    return data.gather_batch({k: jnp.asarray(split[k]) for k in ("x", "y", "index")},
-                             jnp.asarray(idx), jnp.full(b, weight, jnp.float32))
+    idx = np.arange(b) % data.split_size(split)  # reads only these rows of a streamed x
+    return data.gather_batch({k: jnp.asarray(split[k][idx]) for k in ("x", "y", "index")},
+                             jnp.arange(b), jnp.full(b, weight, jnp.float32))
 
 
 def update_memory(method: base.Method, variables, state, splits: dict, *, batch_size: int,

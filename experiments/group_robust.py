@@ -100,6 +100,7 @@ class DatasetConfig:
     unlearn: dict
     miu: dict
     size: int | None = None
+    input: str = "memory"  # "stream": TFDS images read batch by batch (common.check_input)
     soft_l2: float = 1e-3
     eo_binarize: bool = False
 
@@ -146,7 +147,7 @@ def check_ratios(ratios) -> tuple[float, ...]:
 def load_dataset(spec: DatasetConfig, data_dir=None):
     """The dataset (group-robust studies need a sensitive attribute with >= 2 values); image
     datasets are flattened for an MLP."""
-    ds = common.load_dataset(spec.loader, data_dir=data_dir, image_size=spec.size)
+    ds = common.load_dataset(spec.loader, data_dir=data_dir, image_size=spec.size, input=spec.input)
     if ds.num_groups < 2:
         raise ValueError(f"{ds.name} has no sensitive attribute (num_groups = {ds.num_groups}); "
                          "group-robust unlearning needs group labels")

@@ -115,6 +115,7 @@ class Config:
     image_size: int = 32
     backbone: str = "mlp"  # "mlp" or "resnet18"/"resnet50" for the image presets
     backbone_width: int = 64
+    input: str = "memory"  # "stream": TFDS images read batch by batch (common.check_input)
 
 
 def validate(cfg: Config) -> None:
@@ -151,7 +152,7 @@ def preset(name: str) -> Config:
 def load_dataset(name: str, *, seed: int, data_dir: str | None, cfg: Config) -> data.Dataset:
     """The dataset ``name`` (:func:`experiments.common.load_dataset`)."""
     return common.load_dataset(name, data_dir=data_dir, seed=seed, image_size=cfg.image_size,
-                               max_train=cfg.max_train)
+                               max_train=cfg.max_train, input=cfg.input)
 
 
 def check_task(task: str, ds: data.Dataset) -> None:
@@ -191,7 +192,9 @@ def features_of(model_kind: str, ds: data.Dataset, cfg: Config, *, key, progress
     variables, _ = common.train_model(net, ds.train, tx, epochs=cfg.nn_epochs, batch_size=cfg.batch_size,
                                       l2=1e-5, init_key=key, key=jax.random.fold_in(key, 1),
                                       progress=progress, desc="NN body")
-    feats = [evaluation.predict(net.apply, variables, s["x"])[1] for s in (ds.train, ds.val, ds.test)]
+    # streamed splits are read batch by batch; only the [n, F] features come back to the host
+    feats = [evaluation.predict(net.apply, variables, s["x"], batch_size=cfg.batch_size,
+                                mesh=common.MESH)[1] for s in (ds.train, ds.val, ds.test)]
     return (*feats, time.perf_counter() - t0)
 
 

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxunlearn import losses, sharding
 from jaxunlearn.data.batching import batch_plan, split_size
+from jaxunlearn.data.streaming import split_source
 from jaxunlearn.models.api import as_apply
 
 __all__ = ["Metric", "Evaluator", "evaluator", "evaluate", "accuracy", "confusion", "predict",
@@ -116,12 +117,22 @@ def confusion(*, num_classes: int, num_groups: int | None = None) -> Metric:
 def padded_batches(split: Mapping, batch_size: int, *, multiple: int = 1,
                    keys=("x", "y", "group", "index")) -> Iterator[dict]:
     """Numpy batches of ``split`` in order, each of ``batch_size`` rows (rounded up to ``multiple``),
-    the last padded with weight-0 copies; ``split["weight"]`` (if any) is carried, 0 rows skipped."""
+    the last padded with weight-0 copies; ``split["weight"]`` (if any) is carried, 0 rows skipped.
+
+    A streamed split (``x`` a :class:`~jaxunlearn.data.streaming.SourceArray`) is read from disk
+    batch by batch with grain (:meth:`~jaxunlearn.data.StreamingSource.batches`). Every process
+    reads whole batches (evaluation batches are placed as replicated host values, unlike the
+    per-process slices of :func:`jaxunlearn.loop.run`)."""
     n = split_size(split)
     b = -(-min(int(batch_size), max(n, 1)) // multiple) * multiple
     weight = split.get("weight")
     index, bw = batch_plan(n, b, weight=None if weight is None else np.asarray(weight, np.float32),
                            name="the evaluated split (e.g. an empty forget or retain set)")
+    source = split_source(split)
+    if source is not None:
+        for batch in source.batches(index, bw, process_index=0, process_count=1):
+            yield {k: batch[k] for k in (*keys, "weight") if k in batch}
+        return
     cols = {k: np.asarray(split[k]) for k in keys if split.get(k) is not None}
     for i in range(index.shape[0]):
         batch = {k: v[index[i]] for k, v in cols.items()}
@@ -213,10 +224,21 @@ def evaluate(apply_fn, variables, split: Mapping, *, batch_size: int = 1024,
     return ev(variables, split)["m"]
 
 
+def _to_host(a) -> np.ndarray:
+    """A (possibly multi-host sharded) array as one numpy array on every process."""
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(a)
+
+
 def predict(apply_fn, variables, x, *, batch_size: int = 1024, mesh: Mesh | None = None,
             axis: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Logits [n, K] and penultimate features [n, F] for inputs ``x`` [n, ...] (eval mode)."""
-    x = np.asarray(x)
+    """Logits [n, K] and penultimate features [n, F] for inputs ``x`` [n, ...] (eval mode); ``x``
+    may be a streamed split's :class:`~jaxunlearn.data.streaming.SourceArray` (read in batches)."""
+    if split_source({"x": x}) is None:
+        x = np.asarray(x)
     n = x.shape[0]
 
     @jax.jit
@@ -229,6 +251,6 @@ def predict(apply_fn, variables, x, *, batch_size: int = 1024, mesh: Mesh | None
     for batch in padded_batches({"x": x, "y": np.zeros(n, np.int32)}, batch_size,
                                 multiple=_multiple(mesh, axis), keys=("x",)):
         lo, fe = forward(variables, place(batch)["x"])
-        logits.append(np.asarray(lo))
-        feats.append(np.asarray(fe))
+        logits.append(_to_host(lo))
+        feats.append(_to_host(fe))
     return np.concatenate(logits)[:n], np.concatenate(feats)[:n]

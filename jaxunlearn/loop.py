@@ -52,7 +52,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxunlearn import sharding
 from jaxunlearn.data.batching import batch_plan, gather_batch, num_batches, resample_plan, split_size
-from jaxunlearn.data.streaming import StreamingSource, global_batch
+from jaxunlearn.data.streaming import StreamingSource, global_batch, split_source
 from jaxunlearn.evaluation import check_labels
 from jaxunlearn.methods.base import Method, MethodState
 from jaxunlearn.models.api import as_apply
@@ -118,13 +118,9 @@ def set_weight(split: Mapping, name: str) -> np.ndarray:
 
 
 def _source(split) -> StreamingSource | None:
-    """The :class:`~jaxunlearn.data.StreamingSource` of a streamed set (a source, or
-    ``{"source": source, "weight": w}``), else None."""
-    if isinstance(split, StreamingSource):
-        return split
-    if isinstance(split, Mapping) and isinstance(split.get("source"), StreamingSource):
-        return split["source"]
-    return None
+    """The :class:`~jaxunlearn.data.StreamingSource` of a streamed set (a source, a streamed split
+    ``{"x": SourceArray, ...}``, or ``{"source": source, "weight": w}``), else None."""
+    return split_source(split)
 
 
 def _bucket(k: int) -> int:

@@ -228,3 +228,54 @@ def test_bad_inputs_are_named(tiny_tfds_dir, tmp_path):
         tfds_streaming_source("cifar10", "train", data_dir=tmp_path)
     with pytest.raises(DataError, match="pass size="):
         tfds_streaming_source("celeb_a", "train", data_dir=tiny_tfds_dir)
+
+
+def test_streamed_splits_behave_like_in_memory_splits(tiny_tfds_dir):
+    """``load_*(stream=True)``: labels equal the in-memory loader's, ``x`` reads on indexing,
+    sub-splits stay streamed, and the evaluator / predict / loop read them batch by batch."""
+    import optax
+
+    from experiments import common
+    from jaxunlearn import evaluation, loop, methods
+    from jaxunlearn.data import forget_retain_splits
+    from jaxunlearn.data.streaming import SourceArray, materialize
+
+    mem = load_cifar10(data_dir=tiny_tfds_dir, progress=False)
+    ds = load_cifar10(data_dir=tiny_tfds_dir, progress=False, stream=True)
+    assert ds.input_shape == mem.input_shape == (32, 32, 3)
+    for s in ("train", "val", "test"):
+        for k in ("y", "group", "index"):
+            np.testing.assert_array_equal(ds[s][k], mem[s][k])
+        assert isinstance(ds[s]["x"], SourceArray)
+    x = ds.train["x"]
+    np.testing.assert_array_equal(x[:3], mem.train["x"][:3])
+    np.testing.assert_array_equal(x[5], mem.train["x"][5])
+    np.testing.assert_array_equal(x[np.array([7, 2])], mem.train["x"][[7, 2]])
+    with pytest.raises(DataError, match="streamed from disk.*materialize"):
+        np.asarray(x)
+    forget, retain = forget_retain_splits(ds.train, np.arange(0, 96, 3))
+    mf, mr = forget_retain_splits(mem.train, np.arange(0, 96, 3))
+    assert isinstance(retain["x"], SourceArray) and retain["x"].shape == mr["x"].shape
+    np.testing.assert_array_equal(materialize(forget["x"]), mf["x"])
+
+    def apply(variables, x):  # a linear model on the flattened image
+        z = x.reshape(x.shape[0], -1)
+        return z @ variables["params"]["w"], z
+
+    w0 = jax.random.normal(jax.random.key(0), (32 * 32 * 3, 10)) * 0.01
+    v = {"params": {"w": w0}}
+    got = evaluation.predict(apply, v, ds.test["x"], batch_size=10)
+    want = evaluation.predict(apply, v, mem.test["x"], batch_size=10)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
+    assert evaluation.evaluate(apply, v, ds.val, batch_size=10) == \
+        evaluation.evaluate(apply, v, mem.val, batch_size=10)
+    run = lambda split: loop.run(methods.train(apply, optax.sgd(0.1)), v, {"train": split},
+                                 epochs=1, batch_size=16, key=jax.random.key(1), progress=False)[0]
+    a, b = run(retain), run(mr)
+    for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(u, w, rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(ValueError, match="input must be one of"):
+        common.check_input("disk", "cifar10")
+    with pytest.raises(ValueError, match="'adult' is loaded into memory"):
+        common.check_input("stream", "adult")

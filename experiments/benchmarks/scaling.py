@@ -183,14 +183,20 @@ def method_cases() -> dict[str, Case]:
         "influence_unlearning": Case(M.influence_unlearning(APPLY, inverse_hvp, num_train=N,
                                                             operands=chol, trainable=head),
                                      v0, sets, {}),
-        "miu": Case(M.miu(APPLY, train, num_classes=K, num_sensitive=S, key=jax.random.key(3),
-                          lambda_mi=1.0, forget_epochs=1, tune_steps_first=3, tune_steps_epoch=1,
-                          tune_batch_size=16, mine_hidden=8, optimizer=sgd), v0, sets, kw),
+        "miu": Case(miu_method(train), v0, sets, kw),
         "finetune+fairness_gap_penalty": Case(
             M.with_fairness_gap_penalty(M.finetune(APPLY, optimizer=sgd), APPLY, strength=1.0,
                                         num_classes=K, optimizer=optax.sgd(0.01)), v0, sets, kw),
     }
     return cases
+
+
+def miu_method(train: dict, *, tune_sharding=None):
+    """The MIU case's method (``tune_sharding``: split its estimator tuning over a mesh)."""
+    return M.miu(APPLY, train, num_classes=K, num_sensitive=S, key=jax.random.key(3),
+                 lambda_mi=1.0, forget_epochs=1, tune_steps_first=3, tune_steps_epoch=1,
+                 tune_batch_size=16, mine_hidden=8, optimizer=optax.sgd(0.05),
+                 tune_sharding=tune_sharding)
 
 
 def run_case(case: Case, mesh=None, *, program=None, key=None):

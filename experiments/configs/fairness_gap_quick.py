@@ -20,7 +20,7 @@ HPARAMS = {
 }
 
 # Paper scale: the CPU recipe with the reference's batch size, epochs and small BS/GA rates.
-PAPER = dict(dataset="cifar10", forget_class=9,  # truck
+PAPER = dict(dataset="cifar10", input="stream", forget_class=9,  # truck
              hparams={**HPARAMS, "BS": dict(HPARAMS["BS"], lr=1e-5, forget_batch=128),
                       "SCRUB": dict(HPARAMS["SCRUB"], max_epochs=3, forget_batch=128),
                       "GA": dict(HPARAMS["GA"], lr=1e-4, epochs=5, forget_batch=128)},

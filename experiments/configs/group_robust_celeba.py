@@ -8,7 +8,7 @@ def get_config():
     # Reference pretrain/retrain: SGD lr 0.01, momentum 0.9, wd 1e-4, cosine. Reference MIU: SGD
     # lr 1e-3 (cosine), MINE SGD 0.01 momentum 0.9, lambda_mi 10.
     return dict(datasets=(dict(
-        name="celeba", loader="celeb_a", target=1, sensitive=1, size=64,
+        name="celeba", loader="celeb_a", target=1, sensitive=1, size=64, input="stream",
         model=dict(kind="resnet18", width=64),
         train=dict(optimizer="sgd", lr=1e-2, momentum=0.9, weight_decay=1e-4, epochs=30,
                    batch_size=32, l2=0.0),

@@ -3,4 +3,5 @@
 
 def get_config():
     return dict(datasets=("celeb_a",), models=("nn",), tasks=("dp", "eop"), seeds=5, nn_epochs=10,
-                unlearn_epochs=30, backbone="resnet18", image_size=64, batch_size=256)
+                unlearn_epochs=30, backbone="resnet18", image_size=64, batch_size=256,
+                input="stream")

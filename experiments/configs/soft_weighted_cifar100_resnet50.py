@@ -3,4 +3,5 @@
 
 def get_config():
     return dict(datasets=("cifar100",), models=("nn",), tasks=("robust",), seeds=5, nn_epochs=30,
-                unlearn_epochs=30, backbone="resnet50", batch_size=256)
+                unlearn_epochs=30, backbone="resnet50", batch_size=256,
+                input="stream")

@@ -116,8 +116,11 @@ def validate_split(split: Mapping[str, Any], *, num_classes: int | None = None,
     missing = [k for k in SPLIT_KEYS if k not in split]
     if missing:
         raise DataError(f"{name}: missing keys {missing}; a split needs {list(SPLIT_KEYS)}")
+    from jaxunlearn.data.streaming import SourceArray  # lazy: streaming imports this module
+
     x = split["x"]
-    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+    streamed = isinstance(x, SourceArray)  # inputs on disk: checked batch by batch when read
+    if not streamed and (not isinstance(x, np.ndarray) or x.dtype != np.float32):
         raise DataError(f"{name}.x must be a float32 numpy array, got {type(x).__name__} "
                         f"{getattr(x, 'dtype', '')}")
     if x.ndim < 1 or x.shape[0] == 0:
@@ -131,9 +134,9 @@ def validate_split(split: Mapping[str, Any], *, num_classes: int | None = None,
         if a.shape != (n,):
             raise DataError(f"{name}.{key} has shape {a.shape}, expected ({n},) to match x "
                             f"{x.shape}")
-    flat = x.reshape(n, -1)
     bad = 0
-    for s in range(0, n, _FINITE_CHUNK):  # chunked: no full-size boolean temporary
+    flat = None if streamed else x.reshape(n, -1)
+    for s in range(0, 0 if streamed else n, _FINITE_CHUNK):  # chunked: no full-size temporary
         block = flat[s:s + _FINITE_CHUNK]
         bad += block.shape[0] - int(np.isfinite(block).all(axis=1).sum())
     if bad:

@@ -30,7 +30,8 @@ __all__ = [
 
 
 def take(split: Mapping[str, np.ndarray], rows) -> dict:
-    """Rows ``rows`` of every array in a split (``index`` keeps the original positions)."""
+    """Rows ``rows`` of every array in a split (``index`` keeps the original positions); a
+    streamed ``x`` (:class:`~jaxunlearn.data.streaming.SourceArray`) stays streamed."""
     rows = np.asarray(rows)
     if rows.size == 0:
         rows = rows.astype(np.int64)
@@ -39,7 +40,10 @@ def take(split: Mapping[str, np.ndarray], rows) -> dict:
     n = split_len(split)
     if rows.size and (rows.min() < 0 or rows.max() >= n):
         raise DataError(f"rows out of range [0, {n})")
-    return {k: np.asarray(v)[rows] for k, v in split.items()}
+    from jaxunlearn.data.streaming import SourceArray  # lazy: streaming imports this module
+
+    return {k: v.take(rows) if isinstance(v, SourceArray) else np.asarray(v)[rows]
+            for k, v in split.items()}
 
 
 def host_rng(key) -> np.random.Generator:

@@ -46,8 +46,8 @@ import numpy as np
 from jaxunlearn.data.batching import batch_plan
 from jaxunlearn.data.dataset import DataError
 
-__all__ = ["StreamingSource", "StreamingLoader", "tfds_streaming_source", "global_batch",
-           "process_slice"]
+__all__ = ["StreamingSource", "StreamingLoader", "SourceArray", "streamed_split", "split_source",
+           "materialize", "tfds_streaming_source", "global_batch", "process_slice"]
 
 Convert = Callable[[Any], tuple[np.ndarray, int, int]]
 
@@ -218,8 +218,9 @@ class StreamingSource:
         if num_threads <= 0:
             return iter(ds)
         grain = _grain()
-        return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                         prefetch_buffer_size=max(1, prefetch))))
+        prefetch = max(1, prefetch)  # an element is a whole batch: more threads than it are idle
+        return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=min(num_threads, prefetch),
+                                                         prefetch_buffer_size=prefetch)))
 
 
 @dataclasses.dataclass
@@ -305,6 +306,97 @@ class StreamingLoader:
             self.epoch_index, self.step = epoch, s + 1
             yield batch
         self.epoch_index, self.step = epoch + 1, 0
+
+
+class SourceArray:
+    """The ``x`` column of a *streamed split*: an array-like view of a :class:`StreamingSource`'s
+    inputs that reads records only when indexed.
+
+    A streamed split is ``{"x": SourceArray(source), "y", "group", "index"}`` (labels in memory,
+    inputs on disk; :func:`streamed_split`), so code written for the split contract keeps working
+    where it only indexes ``x`` (``x[:1]``, ``x[rows]``, ``x.shape``), :func:`jaxunlearn.data.take`
+    gives a streamed sub-split, and :func:`jaxunlearn.loop.run` and :mod:`jaxunlearn.evaluation`
+    read its batches through grain. Converting it to a whole array (``np.asarray``) raises:
+    call :func:`materialize` where loading every input into memory is meant.
+    """
+
+    def __init__(self, source: StreamingSource):
+        self.source = source
+        self._sample_shape = None
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        if self._sample_shape is None:  # one record read, cached
+            self._sample_shape = tuple(self.source.read(np.zeros(1, np.int64))["x"].shape[1:])
+        return self._sample_shape
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.source), *self.sample_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.sample_shape)
+
+    dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, tuple):
+            return self[key[0]][(slice(None), *key[1:])]
+        positions = np.arange(len(self.source))[key]
+        if np.ndim(positions) == 0:
+            return self.source.read(np.asarray([positions]))["x"][0]
+        if positions.size == 0:
+            return np.zeros((0, *self.sample_shape), np.float32)
+        return self.source.read(positions)["x"]
+
+    def take(self, positions) -> "SourceArray":
+        """The view of ``source.subset(positions)`` (reads nothing)."""
+        out = SourceArray(self.source.subset(positions))
+        out._sample_shape = self._sample_shape
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        raise DataError(
+            f"{self.source.name}: this split's x is streamed from disk ({len(self.source)} samples); "
+            "iterate it in batches (jaxunlearn.evaluation.padded_batches, loop.run) or call "
+            "jaxunlearn.data.streaming.materialize(x) to load it all into memory")
+
+    def __repr__(self) -> str:
+        return f"SourceArray({self.source.name!r}, n={len(self.source)})"
+
+
+def streamed_split(source: StreamingSource, *, chunk_size: int = 4096) -> dict:
+    """A streamed split of ``source``: ``{"x": SourceArray(source), "y", "group", "index"}`` with
+    the labels read once (:meth:`StreamingSource.labels`; images are not decoded when the source
+    has label records)."""
+    labels = source.labels(chunk_size=chunk_size)
+    return {"x": SourceArray(source), "y": labels["y"].astype(np.int32),
+            "group": labels["group"].astype(np.int32), "index": labels["index"].astype(np.int32)}
+
+
+def split_source(split) -> StreamingSource | None:
+    """The :class:`StreamingSource` of a streamed set (a source, a streamed split, or
+    ``{"source": source, ...}``), else None (an in-memory split)."""
+    if isinstance(split, StreamingSource):
+        return split
+    if isinstance(split, dict) or hasattr(split, "get"):
+        if isinstance(split.get("source"), StreamingSource):
+            return split["source"]
+        if isinstance(split.get("x"), SourceArray):
+            return split["x"].source
+    return None
+
+
+def materialize(x) -> np.ndarray:
+    """``x`` as a numpy array: a :class:`SourceArray` is read completely (every record), anything
+    else goes through ``np.asarray``."""
+    if isinstance(x, SourceArray):
+        return x[:]
+    return np.asarray(x)
 
 
 def global_batch(local: dict, sharding: jax.sharding.Sharding) -> dict:

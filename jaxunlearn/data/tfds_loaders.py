@@ -130,9 +130,24 @@ def _plan(name: str, *, validation: str, has_official_val: bool, data_dir, downl
             for j, (s, (src, rows)) in enumerate(plan.items())}
 
 
-def _build(name: str, plan, convert, *, chunk_size: int, progress: bool, **meta) -> Dataset:
+def _streamed(name: str, source, rows: np.ndarray, convert, chunk_size: int) -> dict:
+    """A streamed split (:func:`~jaxunlearn.data.streaming.streamed_split`) of ``rows`` of
+    ``source``; labels read from the same records with the image left undecoded."""
+    from jaxunlearn.data.streaming import StreamingSource, streamed_split
+
+    tfds = _tfds()
+    label_records = dataclasses.replace(source, decoders={"image": tfds.decode.SkipDecoding()})
+    return streamed_split(StreamingSource(source, convert, rows=rows, label_records=label_records,
+                                          name=f"{name}/{source.split}"), chunk_size=chunk_size)
+
+
+def _build(name: str, plan, convert, *, chunk_size: int, progress: bool, stream: bool = False,
+           **meta) -> Dataset:
     splits = {}
     for s, (source, rows) in plan.items():
+        if stream:
+            splits[s] = _streamed(name, source, rows, convert, chunk_size)
+            continue
         x, y, g = _read(source, rows, convert, chunk_size=chunk_size, progress=progress,
                         desc=f"{name}/{s}")
         splits[s] = make_split(x, y, g, rows, name=f"{name}.{s}")
@@ -189,12 +204,12 @@ def celeb_a_record(target: str, sensitive: str, *, size: int,
 # ----------------------------------------------------------------------------- CIFAR
 
 def _cifar(name: str, label_key: str, num_classes: int, *, data_dir, validation, max_examples,
-           seed, chunk_size, progress, download) -> Dataset:
+           seed, chunk_size, progress, download, stream) -> Dataset:
     plan = _plan(name, validation=validation, has_official_val=False, data_dir=data_dir,
                  download=download, max_examples=max_examples, seed=seed)
 
     return _build(name, plan, cifar_record(label_key), chunk_size=chunk_size, progress=progress,
-                  num_classes=num_classes, num_groups=1,
+                  stream=stream, num_classes=num_classes, num_groups=1,
                   class_names=_label_names(plan["train"][0], label_key, num_classes),
                   group_names=("all",),
                   info={"validation": validation, "max_examples": max_examples, "seed": seed,
@@ -203,7 +218,7 @@ def _cifar(name: str, label_key: str, num_classes: int, *, data_dir, validation,
 
 def load_cifar10(*, data_dir=None, validation: str = "half_test", max_examples: int | None = None,
                  seed: int = 0, chunk_size: int = 1024, progress: bool = True,
-                 download: bool = False) -> Dataset:
+                 download: bool = False, stream: bool = False) -> Dataset:
     """CIFAR-10 from TFDS: ``x`` [n, 32, 32, 3] float32 in [0, 1], ``y`` in 0..9, no groups.
 
     Args:
@@ -214,15 +229,17 @@ def load_cifar10(*, data_dir=None, validation: str = "half_test", max_examples: 
       chunk_size: records read per batch.
       progress: show a progress bar.
       download: let TFDS download and prepare the data if it is missing.
+      stream: return streamed splits (``x`` read from the array_record files batch by batch,
+        :func:`~jaxunlearn.data.streaming.streamed_split`; labels in memory) instead of arrays.
     """
     return _cifar("cifar10", "label", 10, data_dir=data_dir, validation=validation,
                   max_examples=max_examples, seed=seed, chunk_size=chunk_size, progress=progress,
-                  download=download)
+                  download=download, stream=stream)
 
 
 def load_cifar100(*, data_dir=None, label: str = "fine", validation: str = "half_test",
                   max_examples: int | None = None, seed: int = 0, chunk_size: int = 1024,
-                  progress: bool = True, download: bool = False) -> Dataset:
+                  progress: bool = True, download: bool = False, stream: bool = False) -> Dataset:
     """CIFAR-100 from TFDS: 100 fine labels (``label="fine"``) or 20 superclasses (``"coarse"``).
 
     Other arguments as :func:`load_cifar10`.
@@ -232,7 +249,7 @@ def load_cifar100(*, data_dir=None, label: str = "fine", validation: str = "half
     key, k = ("label", 100) if label == "fine" else ("coarse_label", 20)
     return _cifar("cifar100", key, k, data_dir=data_dir, validation=validation,
                   max_examples=max_examples, seed=seed, chunk_size=chunk_size, progress=progress,
-                  download=download)
+                  download=download, stream=stream)
 
 
 # ----------------------------------------------------------------------------- CelebA
@@ -241,7 +258,7 @@ def load_celeb_a(*, size: int, target: str = "Blond_Hair", sensitive: str = "Mal
                  crop_fraction: float | None = None, data_dir=None,
                  validation: str = "official", max_examples: int | None = None, seed: int = 0,
                  chunk_size: int = 1024, progress: bool = True,
-                 download: bool = False) -> Dataset:
+                 download: bool = False, stream: bool = False) -> Dataset:
     """CelebA from TFDS with a binary target and a binary sensitive attribute chosen by name.
 
     ``y = attributes[target]``, ``group = attributes[sensitive]`` (1 = attribute present; De Min
@@ -253,7 +270,7 @@ def load_celeb_a(*, size: int, target: str = "Blond_Hair", sensitive: str = "Mal
       sensitive: another attribute name.
       crop_fraction: None squashes the 178x218 image to size x size (De Min et al.'s
         ``Resize((224, 224))``); e.g. 1.0 takes the centred 178x178 square first.
-      data_dir, validation, max_examples, seed, chunk_size, progress, download: as
+      data_dir, validation, max_examples, seed, chunk_size, progress, download, stream: as
         :func:`load_cifar10`; ``validation`` defaults to CelebA's official split.
     """
     plan = _plan("celeb_a", validation=validation, has_official_val=True, data_dir=data_dir,
@@ -267,7 +284,7 @@ def load_celeb_a(*, size: int, target: str = "Blond_Hair", sensitive: str = "Mal
 
     return _build("celeb_a", plan, celeb_a_record(target, sensitive, size=size,
                                                   crop_fraction=crop_fraction), chunk_size=chunk_size, progress=progress,
-                  num_classes=2, num_groups=2, class_names=(f"not {target}", target),
+                  stream=stream, num_classes=2, num_groups=2, class_names=(f"not {target}", target),
                   group_names=(f"not {sensitive}", sensitive),
                   info={"target": target, "sensitive": sensitive, "size": size,
                         "crop_fraction": crop_fraction, "validation": validation,

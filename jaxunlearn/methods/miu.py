@@ -79,6 +79,7 @@ import optax
 from jaxunlearn import losses
 from jaxunlearn import mutual_information as mi
 from jaxunlearn import subsets
+from jaxunlearn.data.streaming import materialize
 from jaxunlearn.methods import base
 from jaxunlearn.models.api import as_apply
 
@@ -141,14 +142,15 @@ def miu(apply_fn, tune_data: dict, *, num_classes: int, num_sensitive: int, key:
         mine_optimizer: optax.GradientTransformation | None = None, mine_hidden: int = 512,
         ema_decay: float = 0.99, marginal: str = "uniform", original=None,
         original_estimator_features: str = "original", estimator_updates: str = "tuning",
-        max_nats: float = 50.0, trainable=None) -> base.Method:
+        max_nats: float = 50.0, trainable=None, tune_sharding=None) -> base.Method:
     """MIU (module docstring).
 
     Args:
       apply_fn: the model's ``apply`` (``aux["features"]`` are the features z).
       tune_data: ``{"x", "y", "group"}`` samples the estimators are tuned on: the training set
         (D_f and D_r, the reference's ``train_loader``), or a random subset of it at scale (the
-        reference sees ``(100 + 10 (E - 1)) B`` samples in all).
+        reference sees ``(100 + 10 (E - 1)) B`` samples in all). It is held on device in the
+        method state; a streamed split's ``x`` is read into memory once.
       num_classes: K (2 for a single binary logit).
       num_sensitive: |S|, the number of sensitive-attribute values.
       key: PRNG key of the two estimators' initialisation.
@@ -171,6 +173,13 @@ def miu(apply_fn, tune_data: dict, *, num_classes: int, num_sensitive: int, key:
         phases) or ``"every_step"`` (also one ascent step per update on the retain batch).
       max_nats: an estimate beyond this (or non-finite) counts as diverged.
       trainable: optional bool mask over ``variables["params"]``.
+      tune_sharding: optional sharding of the tuning batches' leading axis, e.g.
+        ``NamedSharding(mesh, PartitionSpec("data"))`` for a run on ``mesh``: the tuning steps
+        (forward passes of both models and the estimator updates) are then split over the
+        devices like the forget and retain batches, instead of being repeated on every device
+        (the method runs replicated and the tuning batches are drawn inside the update, so the
+        loop cannot split them). Results equal the unsharded run up to summation order. The
+        tuning set itself stays replicated in the state.
 
     Returns:
       A :class:`~jaxunlearn.methods.base.Method` reading both sets (which need ``"group"``);
@@ -221,7 +230,7 @@ def miu(apply_fn, tune_data: dict, *, num_classes: int, num_sensitive: int, key:
     mine_step = mi.make_mine_step(mine_tx, ema_decay=ema_decay, marginal=marginal)
     tune_on_original = original_estimator_features == "original"
     cells = jnp.asarray(tg.astype(np.int32) + ty.astype(np.int32) * S)
-    tune_x = jnp.asarray(tune_data["x"])
+    tune_x = jnp.asarray(materialize(tune_data["x"]))  # held in the state: a streamed x is read once
 
     def onehot(batch):
         return cell_onehot(batch["y"], batch["group"], num_classes=K, num_sensitive=S)
@@ -253,6 +262,8 @@ def miu(apply_fn, tune_data: dict, *, num_classes: int, num_sensitive: int, key:
             idx = perm[(t * bt + jnp.arange(bt)) % n_tune]
             x = extra["tune_x"][idx]
             c = jax.nn.one_hot(extra["tune_cells"][idx], G, dtype=jnp.float32)
+            if tune_sharding is not None:
+                x, c = jax.lax.with_sharding_constraint((x, c), tune_sharding)
             z_u = _features(apply_fn, variables, x)
             z_o = _features(apply_fn, extra["original"], x) if tune_on_original else z_u
             k = jax.random.fold_in(key, t + 1)
