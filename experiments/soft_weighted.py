@@ -137,8 +137,8 @@ def validate(cfg: Config) -> None:
         if bad or (values is not None and not values):
             raise ValueError(f"config {field}={values!r}: unknown {bad or 'empty'}; choose from "
                              f"{allowed} with --set {field}=...")
-    if cfg.soft_variant not in ("qp", "min_norm"):
-        raise ValueError(f"config soft_variant={cfg.soft_variant!r}: choose 'qp' or 'min_norm'")
+    common.check_number("soft_lam", cfg.soft_lam, low=0)
+    common.check_number("gate_delta", cfg.gate_delta, low=0)
 
 
 def preset(name: str) -> Config:

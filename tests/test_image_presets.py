@@ -110,7 +110,7 @@ def test_soft_weighted_presets_stream(tmp_path, tiny_tfds_dir, streamed_batches,
     sw.main(["--preset", preset, "--data-dir", tiny_tfds_dir, "--out", str(out), *MESH,
              *[a for s in sets for a in ("--set", s)]])
     res = _check_outputs(out, streamed_batches, "rows")
-    runs = [r for r in res["rows"] if r["scheme"] in ("hard", "soft")]
+    runs = [r for r in res["rows"] if r["scheme"] in (sw.PAPER_HARD, sw.PAPER_SOFT)]
     assert {r["algorithm"] for r in runs} == {"IF"} and len(runs) == 2
 
 
