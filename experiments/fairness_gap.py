@@ -18,8 +18,18 @@
 5. test Conjecture 2 (higher fairness-gap <-> more vulnerable): Pearson r across the unlearned
    models between the mean per-layer fairness-gap and FGSM accuracy (negative r supports it).
 
-Outputs in ``DIR``: ``results.json`` (one row per model and method, rewritten after each; a rerun
-with the same config skips the finished rows, ``--fresh`` starts over), ``report.md``,
+With ``--set seeds=N`` one run repeats this for seeds ``--seed`` .. ``--seed + N - 1`` (same data,
+new initialisations and batch orders) and checks the paper's claims over seeds (:func:`analyse`):
+per method mean ± 95 % CI and the paired difference against Retrain; Conjecture 1 as the gap
+shift from the original against the between-run difference of independently trained originals
+(:func:`between_run_difference`); Conjecture 2 pooled over seeds (Fisher z). The verdicts are the
+``paper_comparison`` list of ``results.json`` and the first table of ``report.md``. A row depends
+only on its (seed, model, method, scope), so a run with more seeds, models, methods or scopes
+resumes a smaller one (the selection is not part of the run signature).
+
+Outputs in ``DIR``: ``results.json`` (``paper_comparison``, ``analysis`` and one row per seed, model
+and method, rewritten after each; a rerun with the same config skips the finished rows,
+``--fresh`` starts over), ``report.md``,
 ``summary.csv``, ``fairness_gap_layers.csv`` (one row per model, method and layer),
 ``fairness_gap_layers_<model>.png`` (per-layer gap, one panel per method) and
 ``conjecture2_<model>.png`` (gap vs adversarial accuracy). The original and retrained models are
@@ -58,7 +68,8 @@ INPUT_RANGE = (0.0, 1.0)  # every image loader returns pixels in [0, 1]
 # each sample, i.e. the statistics the normalisation layer itself normalises with (Definition 1 at
 # a normalisation layer; metrics/fairness_gap.py). The per-unit variant is not reported.
 PER_CHANNEL = True
-SELECTION = ("seeds", "models", "methods", "penalty_methods", "scopes")  # not in the run signature
+# Not in the run signature: which rows run, and the memory measurement (extra fields, same numbers).
+SELECTION = ("seeds", "models", "methods", "penalty_methods", "scopes", "memory_analysis")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -460,7 +471,7 @@ def run_variant(name: str, k: int | None, ctx: Context) -> dict:
     if name == "Retrain" and k is None:
         variables, seconds, history, tx = train_model(
             ctx.model, tcfg, ctx.splits["retain"], key=key,
-            ckpt_dir=os.path.join(ctx.out, "checkpoints", ctx.model_name, "retrain"),
+            ckpt_dir=os.path.join(ctx.out, ctx.model_name, "retrain"),
             progress=ctx.progress, desc=f"{ctx.model_name} retrain")
         row.update(time_s=seconds, setup_s=0.0, epoch_s=_steady_epoch_seconds(history),
                    epochs=tcfg["epochs"], timed_epochs=len(history),
@@ -533,7 +544,7 @@ def run_model(model_name: str, cfg: Config, ds: data.Dataset, *, out: str, seed:
 
     ``rows`` holds the finished rows of an earlier run (those of this model and seed are kept,
     not recomputed) and gets each new row (tagged with ``"seed"``) appended, after which
-    ``save()`` is called. Checkpoints go under ``out``.
+    ``save()`` is called. Checkpoints go under ``out/checkpoints/seed<seed>``.
     """
     recipe = cfg.recipes[model_name]
     model = build_model(recipe, tuple(ds.train["x"].shape[1:]), ds.num_classes)
@@ -548,16 +559,17 @@ def run_model(model_name: str, cfg: Config, ds: data.Dataset, *, out: str, seed:
             if r["model"] == model_name and r.get("seed", seed) == seed}
     todo = [("Original", "full")] + [(m, f"last{recipe['last_k']}" if s == "k" else s)
                                      for m, s in variants(cfg)]
+    ckpt_root = os.path.join(out, "checkpoints", f"seed{seed}")
     if any(t not in done for t in todo):
         key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(model_name.encode()))
         original, train_s, history, _ = train_model(
             model, recipe["train"], ds.train, key=key,
-            ckpt_dir=os.path.join(out, "checkpoints", model_name, "original"), progress=progress,
+            ckpt_dir=os.path.join(ckpt_root, model_name, "original"), progress=progress,
             desc=f"{model_name} original")
         ctx = Context(cfg=cfg, model=model, model_name=model_name, recipe=recipe, original=original,
                       splits=splits, num_classes=ds.num_classes,
                       retained=[c for c in range(ds.num_classes) if c != cfg.forget_class],
-                      norm_order=norm_order, key=key, out=out, progress=progress,
+                      norm_order=norm_order, key=key, out=ckpt_root, progress=progress,
                       memory_analysis=cfg.memory_analysis if memory_analysis is None
                       else memory_analysis)
     for method, scope in todo:
@@ -1039,6 +1051,8 @@ def report(results: list[dict], cfg: Config, name: str, analysis: dict) -> str:
 def main(argv=None) -> dict:
     def extra(p):
         p.add_argument("--data-dir", default=None, help="TFDS data_dir with cifar10 (array_record)")
+        p.add_argument("--no-compile-cache", action="store_true",
+                       help="do not use JAX's persistent compilation cache in OUT/.jax_cache")
 
     args, cfg, name = common.parse_args(__doc__.splitlines()[0], driver="fairness_gap",
                                         config_cls=Config, default_out="runs/fairness_gap",
@@ -1050,6 +1064,10 @@ def main(argv=None) -> dict:
     if unknown:
         raise ValueError(f"methods: unknown {unknown}; choose from {METHODS} (and X{PENALTY_SUFFIX})")
     check_attack_eps(cfg.eps)
+    if not args.no_compile_cache and jax.config.jax_compilation_cache_dir is None:
+        # Every seed compiles the same programs; the persistent cache serves the repeats.
+        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.out), ".jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     ds = load_dataset(cfg, args.data_dir, args.seed, not args.no_progress)
     path = os.path.join(args.out, "results.json")
     if args.fresh:
@@ -1068,9 +1086,7 @@ def main(argv=None) -> dict:
     for i, seed in enumerate(seeds):
         for model_name in cfg.models or tuple(cfg.recipes):
             print(f"[{model_name}, seed {seed}]", flush=True)
-            res = run_model(model_name, cfg, ds, out=os.path.join(args.out, "checkpoints",
-                                                                    f"seed{seed}"),
-                            seed=seed, progress=not args.no_progress, rows=rows, save=save,
+            res = run_model(model_name, cfg, ds, out=args.out, seed=seed, progress=not args.no_progress, rows=rows, save=save,
                             memory_analysis=None if i == 0 else ())
             by_seed.setdefault(seed, []).append(res)
     results = by_seed[seeds[0]]  # plots and per-model tables: the first seed
