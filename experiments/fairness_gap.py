@@ -69,7 +69,8 @@ INPUT_RANGE = (0.0, 1.0)  # every image loader returns pixels in [0, 1]
 # a normalisation layer; metrics/fairness_gap.py). The per-unit variant is not reported.
 PER_CHANNEL = True
 # Not in the run signature: which rows run, and the memory measurement (extra fields, same numbers).
-SELECTION = ("seeds", "models", "methods", "penalty_methods", "scopes", "memory_analysis")
+SELECTION = ("seeds", "seed_offset", "models", "methods", "penalty_methods", "scopes",
+             "memory_analysis")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +109,7 @@ class Config:
     memory_analysis: tuple = ()
     seeds: int = 1                     # seeds base, base + 1, ...; claims need >= 2 (5 documented)
     scopes: tuple = ("full", "k")      # the full model and / or its last k blocks
+    seed_offset: int = 0               # run seeds --seed + offset + i (shards seeds over processes)
 
 
 # ----------------------------------------------------------------------------- checks (pure)
@@ -1081,7 +1083,8 @@ def main(argv=None) -> dict:
     rows = [] if args.fresh else common.resume_rows(path, signature)
     save = lambda: common.write_json(path, {"signature": signature, "rows": rows})
     t0 = time.perf_counter()
-    seeds = [args.seed + i for i in range(cfg.seeds)]
+    # The data split always comes from --seed; the model seeds are --seed + seed_offset + i.
+    seeds = [args.seed + cfg.seed_offset + i for i in range(cfg.seeds)]
     by_seed = {}  # seed -> [per-model result]
     for i, seed in enumerate(seeds):
         for model_name in cfg.models or tuple(cfg.recipes):

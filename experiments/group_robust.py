@@ -30,9 +30,16 @@ scikit-learn digits with a spurious frame cue (forget cell = digit 9 without fra
 both with an MLP; ``celeba``, ``waterbirds``, ``fairface`` train ResNet-18 from ``--data-dir`` with
 the reference's recipes, from scratch; ``tiny`` is the test config.
 
-Writes ``DIR/results.json`` (one row per finished (dataset, ratio) cell, rewritten after each; a
-rerun skips the finished cells, ``--fresh`` starts over; the original models are checkpointed under
-``DIR/checkpoints``), ``DIR/report.md`` (tables in the paper's form, percent), per-cell CSVs and
+``--set seeds=N`` repeats every cell for seeds ``--seed`` .. ``--seed + N - 1`` (forget set,
+initialisation and batch order drawn per seed) and checks the paper's claims over seeds
+(:func:`analyse`: mean ± 95 % CI per method and metric, MIU against every baseline paired over
+seeds); the verdicts are ``paper_comparison`` in ``results.json`` and the first table of
+``report.md``.
+
+Writes ``DIR/results.json`` (``paper_comparison``, ``analysis`` and one row per finished (seed,
+dataset, ratio) cell, rewritten after each; a rerun skips the finished cells, also one with more
+seeds or ratios, ``--fresh`` starts over; the original models are checkpointed under
+``DIR/checkpoints/seed<s>``), ``DIR/report.md`` (tables in the paper's form, percent), per-cell CSVs and
 ``DIR/group_accuracy.png``. JAX's persistent compilation cache is kept in ``DIR/.jax_cache``
 (``--no-compile-cache`` to disable).
 """
