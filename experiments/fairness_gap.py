@@ -1103,7 +1103,8 @@ def main(argv=None) -> dict:
            "environment": common.environment(), "seconds": time.perf_counter() - t0,
            "analysis": {k: v for k, v in analysis.items() if k != "paper_comparison"},
            "models": [{k: v for k, v in r.items() if k != "rows"} for s in seeds for r in by_seed[s]],
-           "rows": [r for s in seeds for res in by_seed[s] for r in res["rows"]]}
+           # every finished row, also those of seeds / methods outside this run's selection
+           "rows": rows}
     common.write_json(path, out)
     common.write_csv(os.path.join(args.out, "summary.csv"), summary)
     common.write_csv(os.path.join(args.out, "fairness_gap_layers.csv"), layers)

@@ -387,7 +387,7 @@ def test_driver_smoke_run_writes_every_output_and_resumes_identically(tmp_path, 
     # methods share this path (run_variant -> build_method -> loop.run -> evaluate_model);
     # test_variants_cover_every_method checks that the presets list all of them.
     out = str(tmp_path / "run")
-    argv = ["--preset", "smoke", "--no-progress", "--set", "methods=GA,"]
+    argv = ["--preset", "smoke", "--no-progress", "--no-compile-cache", "--set", "methods=GA,"]
     res = fg.main(argv + ["--out", out])
     for f in ("results.json", "report.md", "summary.csv", "fairness_gap_layers.csv",
               "fairness_gap_layers_vit.png", "conjecture2_vit.png"):
