@@ -422,7 +422,9 @@ def build_method(name: str, ctx: Context, trainable) -> tuple[base.Method, dict,
     epochs = int(hp.get("epochs", cfg.unlearn_epochs))
     t0 = time.perf_counter()
     if base_name == "SalUn":  # the saliency mask (of the trainable leaves) is part of its cost
-        mask = methods.saliency_mask(apply_fn, ctx.original, ctx.splits["forget"],
+        forget = ctx.splits["forget"]  # hard removal: weight -1 (the loop's forget convention)
+        forget = {**forget, "weight": -np.ones(data.split_size(forget), np.float32)}
+        mask = methods.saliency_mask(apply_fn, ctx.original, forget,
                                      threshold=hp["threshold"], trainable=trainable)
         trainable = base.combine_masks(mask, trainable)
     make = {
