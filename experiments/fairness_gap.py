@@ -57,7 +57,7 @@ import numpy as np
 import optax
 
 from experiments import common, stats
-from jaxunlearn import attacks, checkpoint, data, evaluation, loop, methods, metrics, models
+from jaxunlearn import attacks, checkpoint, data, evaluation, loop, methods, metrics, models, subsets
 from jaxunlearn.methods import base
 from jaxunlearn.methods.fairness_gap_penalty import with_fairness_gap_penalty
 
@@ -426,7 +426,7 @@ def build_method(name: str, ctx: Context, trainable) -> tuple[base.Method, dict,
         forget = {**forget, "weight": -np.ones(data.split_size(forget), np.float32)}
         mask = methods.saliency_mask(apply_fn, ctx.original, forget,
                                      threshold=hp["threshold"], trainable=trainable)
-        trainable = base.combine_masks(mask, trainable)
+        trainable = subsets.combine_masks(mask, trainable)
     make = {
         "CF": lambda: methods.finetune(apply_fn, optimizer=tx, trainable=trainable, name="CF"),
         "RL": lambda: methods.random_labels(apply_fn, optimizer=tx, trainable=trainable),
