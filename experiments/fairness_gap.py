@@ -18,8 +18,18 @@
 5. test Conjecture 2 (higher fairness-gap <-> more vulnerable): Pearson r across the unlearned
    models between the mean per-layer fairness-gap and FGSM accuracy (negative r supports it).
 
-Outputs in ``DIR``: ``results.json`` (one row per model and method, rewritten after each; a rerun
-with the same config skips the finished rows, ``--fresh`` starts over), ``report.md``,
+With ``--set seeds=N`` one run repeats this for seeds ``--seed`` .. ``--seed + N - 1`` (same data,
+new initialisations and batch orders) and checks the paper's claims over seeds (:func:`analyse`):
+per method mean ± 95 % CI and the paired difference against Retrain; Conjecture 1 as the gap
+shift from the original against the between-run difference of independently trained originals
+(:func:`between_run_difference`); Conjecture 2 pooled over seeds (Fisher z). The verdicts are the
+``paper_comparison`` list of ``results.json`` and the first table of ``report.md``. A row depends
+only on its (seed, model, method, scope), so a run with more seeds, models, methods or scopes
+resumes a smaller one (the selection is not part of the run signature).
+
+Outputs in ``DIR``: ``results.json`` (``paper_comparison``, ``analysis`` and one row per seed, model
+and method, rewritten after each; a rerun with the same config skips the finished rows,
+``--fresh`` starts over), ``report.md``,
 ``summary.csv``, ``fairness_gap_layers.csv`` (one row per model, method and layer),
 ``fairness_gap_layers_<model>.png`` (per-layer gap, one panel per method) and
 ``conjecture2_<model>.png`` (gap vs adversarial accuracy). The original and retrained models are
@@ -46,14 +56,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import common
-from jaxunlearn import attacks, checkpoint, data, evaluation, loop, methods, metrics, models
+from experiments import common, stats
+from jaxunlearn import attacks, checkpoint, data, evaluation, loop, methods, metrics, models, subsets
 from jaxunlearn.methods import base
 from jaxunlearn.methods.fairness_gap_penalty import with_fairness_gap_penalty
 
 METHODS = ("Retrain", "CF", "RL", "BS", "SalUn", "SCRUB", "GA", "L1-sparse")
 PENALTY_SUFFIX = "+FGP"
 INPUT_RANGE = (0.0, 1.0)  # every image loader returns pixels in [0, 1]
+# The fairness-gap statistic of every preset: per channel, pooling the spatial positions (tokens) of
+# each sample, i.e. the statistics the normalisation layer itself normalises with (Definition 1 at
+# a normalisation layer; metrics/fairness_gap.py). The per-unit variant is not reported.
+PER_CHANNEL = True
+# Not in the run signature: which rows run, and the memory measurement (extra fields, same numbers).
+SELECTION = ("seeds", "seed_offset", "models", "methods", "penalty_methods", "scopes",
+             "memory_analysis")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +83,9 @@ class Config:
     weight_decay, forget_batch (int or "proportional" = B |D_f| / |D_r|), epochs, the method's
     own keys)``; ``methods``: the ones to run (default: all, with their +FGP). ``eps``: the
     L-inf attack radius (``eps_note`` says it in words); ``memory_analysis``: the methods whose
-    compiled update memory is measured (one extra compilation each).
+    compiled update memory is measured (one extra compilation each, first seed only); ``seeds``:
+    how many seeds (``--seed``, ``--seed`` + 1, ...) one run loops over, each resumable per
+    (seed, model, method, scope).
     """
 
     dataset: str = "digits"            # digits (embedded) or cifar10 (TFDS, --data-dir)
@@ -87,9 +106,11 @@ class Config:
     eps: float = 8 / 255
     eps_note: str = "8/255 on [0, 1] pixels"
     pgd_steps: int = 10
-    per_channel: bool = False
     eval_batch_size: int = 512
     memory_analysis: tuple = ()
+    seeds: int = 1                     # seeds base, base + 1, ...; claims need >= 2 (5 documented)
+    scopes: tuple = ("full", "k")      # the full model and / or its last k blocks
+    seed_offset: int = 0               # run seeds --seed + offset + i (shards seeds over processes)
 
 
 # ----------------------------------------------------------------------------- checks (pure)
@@ -341,7 +362,7 @@ def evaluate_model(apply_fn, variables, splits: dict, *, num_classes: int, retai
     row["mia"] = m["forget_nonmember_rate"]
     row["mia_auc"] = m["auc"]
     gaps = metrics.fairness_gap(apply_fn, variables, splits["retain"], num_classes=num_classes,
-                                batch_size=bs, per_channel=cfg.per_channel,
+                                batch_size=bs, per_channel=PER_CHANNEL,
                                 classes=retained)
     missing = [n for n in norm_order if n not in gaps]
     if missing:
@@ -399,8 +420,9 @@ class Context:
     retained: list          # the retained classes
     norm_order: list        # normalisation layers in call order
     key: jax.Array
-    out: str
+    out: str                # checkpoint root of this seed
     progress: bool
+    memory_analysis: tuple  # methods whose compiled update memory is measured (first seed only)
 
     @property
     def apply(self):
@@ -424,9 +446,11 @@ def build_method(name: str, ctx: Context, trainable) -> tuple[base.Method, dict,
     epochs = int(hp.get("epochs", cfg.unlearn_epochs))
     t0 = time.perf_counter()
     if base_name == "SalUn":  # the saliency mask (of the trainable leaves) is part of its cost
-        mask = methods.saliency_mask(apply_fn, ctx.original, ctx.splits["forget"],
+        forget = ctx.splits["forget"]  # hard removal: weight -1 (the loop's forget convention)
+        forget = {**forget, "weight": -np.ones(data.split_size(forget), np.float32)}
+        mask = methods.saliency_mask(apply_fn, ctx.original, forget,
                                      threshold=hp["threshold"], trainable=trainable)
-        trainable = base.combine_masks(mask, trainable)
+        trainable = subsets.combine_masks(mask, trainable)
     make = {
         "CF": lambda: methods.finetune(apply_fn, optimizer=tx, trainable=trainable, name="CF"),
         "RL": lambda: methods.random_labels(apply_fn, optimizer=tx, trainable=trainable),
@@ -445,7 +469,7 @@ def build_method(name: str, ctx: Context, trainable) -> tuple[base.Method, dict,
         m = with_fairness_gap_penalty(m, apply_fn, strength=cfg.penalty_strength,
                                       num_classes=ctx.num_classes, optimizer=optax.sgd(cfg.penalty_lr),
                                       trainable=trainable, classes=ctx.retained,
-                                      per_channel=cfg.per_channel, target=cfg.penalty_target)
+                                      per_channel=PER_CHANNEL, target=cfg.penalty_target)
     setup = time.perf_counter() - t0
     nf, nr = (data.split_size(ctx.splits[s]) for s in ("forget", "retain"))
     bsz = cfg.unlearn_batch_size
@@ -471,11 +495,11 @@ def run_variant(name: str, k: int | None, ctx: Context) -> dict:
     key = jax.random.fold_in(ctx.key, zlib.crc32(variant_name(name.removesuffix(PENALTY_SUFFIX),
                                                               k).encode()))
     row = {"model": ctx.model_name, "method": name, "scope": "full" if k is None else f"last{k}"}
-    measure_memory = name in ctx.cfg.memory_analysis
+    measure_memory = name in ctx.memory_analysis
     if name == "Retrain" and k is None:
         variables, seconds, history, tx = train_model(
             ctx.model, tcfg, ctx.splits["retain"], key=key,
-            ckpt_dir=os.path.join(ctx.out, "checkpoints", ctx.model_name, "retrain"),
+            ckpt_dir=os.path.join(ctx.out, ctx.model_name, "retrain"),
             progress=ctx.progress, desc=f"{ctx.model_name} retrain")
         row.update(time_s=seconds, setup_s=0.0, epoch_s=_steady_epoch_seconds(history),
                    epochs=tcfg["epochs"], timed_epochs=len(history),
@@ -530,18 +554,25 @@ def variants(cfg: Config) -> list[tuple[str, str]]:
     """``(method, scope)`` pairs of a model's run, scope ``"full"`` or ``"k"`` (the last k blocks):
     every chosen method on the full model, then on the last k blocks, then the +FGP methods."""
     want = None if cfg.methods is None else set(cfg.methods)
+    bad = sorted(set(cfg.scopes) - {"full", "k"})
+    if bad:
+        raise ValueError(f"scopes: unknown {bad}; choose from 'full' and 'k' (the last k blocks)")
     chosen = [m for m in METHODS if want is None or m in want]
     pen = [m + PENALTY_SUFFIX for m in cfg.penalty_methods
-           if want is None or m in want or m + PENALTY_SUFFIX in want]
-    return [(m, "full") for m in chosen] + [(m, "k") for m in chosen] + [(m, "full") for m in pen]
+           if (want is None or m in want or m + PENALTY_SUFFIX in want) and "full" in cfg.scopes]
+    return [(m, s) for s in ("full", "k") if s in cfg.scopes for m in chosen] + [
+        (m, "full") for m in pen]
 
 
 def run_model(model_name: str, cfg: Config, ds: data.Dataset, *, out: str, seed: int,
-              progress: bool, rows: list | None = None, save=lambda: None) -> dict:
-    """Train, unlearn and evaluate one model of the config; returns its rows and correlations.
+              progress: bool, rows: list | None = None, save=lambda: None,
+              memory_analysis: tuple | None = None) -> dict:
+    """Train, unlearn and evaluate one model of the config for one seed; returns its rows and
+    correlations.
 
-    ``rows`` holds the finished rows of an earlier run (they are kept, not recomputed) and gets
-    each new row appended, after which ``save()`` is called.
+    ``rows`` holds the finished rows of an earlier run (those of this model and seed are kept,
+    not recomputed) and gets each new row (tagged with ``"seed"``) appended, after which
+    ``save()`` is called. Checkpoints go under ``out/checkpoints/seed<seed>``.
     """
     recipe = cfg.recipes[model_name]
     model = build_model(recipe, tuple(ds.train["x"].shape[1:]), ds.num_classes)
@@ -552,19 +583,23 @@ def run_model(model_name: str, cfg: Config, ds: data.Dataset, *, out: str, seed:
     norm_order = check_norm_layers(model, abstract, sample)
     splits = class_splits(ds, cfg.forget_class)
     rows = [] if rows is None else rows
-    done = {(r["method"], r["scope"]): r for r in rows if r["model"] == model_name}
+    done = {(r["method"], r["scope"]): r for r in rows
+            if r["model"] == model_name and r.get("seed", seed) == seed}
     todo = [("Original", "full")] + [(m, f"last{recipe['last_k']}" if s == "k" else s)
                                      for m, s in variants(cfg)]
+    ckpt_root = os.path.join(out, "checkpoints", f"seed{seed}")
     if any(t not in done for t in todo):
         key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(model_name.encode()))
         original, train_s, history, _ = train_model(
             model, recipe["train"], ds.train, key=key,
-            ckpt_dir=os.path.join(out, "checkpoints", model_name, "original"), progress=progress,
+            ckpt_dir=os.path.join(ckpt_root, model_name, "original"), progress=progress,
             desc=f"{model_name} original")
         ctx = Context(cfg=cfg, model=model, model_name=model_name, recipe=recipe, original=original,
                       splits=splits, num_classes=ds.num_classes,
                       retained=[c for c in range(ds.num_classes) if c != cfg.forget_class],
-                      norm_order=norm_order, key=key, out=out, progress=progress)
+                      norm_order=norm_order, key=key, out=ckpt_root, progress=progress,
+                      memory_analysis=cfg.memory_analysis if memory_analysis is None
+                      else memory_analysis)
     for method, scope in todo:
         if (method, scope) in done:
             continue
@@ -576,6 +611,7 @@ def run_model(model_name: str, cfg: Config, ds: data.Dataset, *, out: str, seed:
                            "trainable_params": count_trainable(original["params"])}, original, ctx)
         else:
             row = run_variant(method, None if scope == "full" else recipe["last_k"], ctx)
+        row["seed"] = seed
         print(f"  {model_name:9s} {variant_name(method, None if scope == 'full' else recipe['last_k']):22s}"
               f" forget {row['forget_acc']:.3f} retain {row['retain_acc']:.3f} test "
               f"{row['test_acc']:.3f} gap {row['gap_mean']:.4f} fgsm {row['fgsm_acc']:.3f} pgd "
@@ -641,6 +677,199 @@ def savings(rows: list[dict]) -> list[dict]:
         for key in ("forget_acc", "test_acc", "gap_mean", "fgsm_acc"):
             s[f"d_{key}"] = r[key] - f[key]
         out.append(s)
+    return out
+
+
+# ----------------------------------------------------------------------------- seeds and claims
+
+# Claim thresholds (stated in the report): "preserves robustness" = the 95 % CI of the paired FGSM
+# accuracy difference against Retrain lies above -ROBUST_MARGIN (no loss larger than 5 points);
+# "sufficient" last-k unlearning = forget / test accuracy within SUFFICIENT_MARGIN of full-model.
+ROBUST_MARGIN = 0.05
+SUFFICIENT_MARGIN = 0.05
+APPROX_LOSERS = ("RL", "SalUn", "SCRUB")   # the paper: up to 50 % adversarial accuracy lost
+PRESERVERS = ("CF", "BS")                  # the paper: preserve the gap and robustness
+
+
+def between_run_difference(profiles: list[dict], order: list[str]) -> float:
+    """Conjecture 1's between-run difference: the mean over pairs of runs s < s' of the mean over
+    layers of ``|gap_l(s) - gap_l(s')|``, i.e. how far two independent training runs of one
+    recipe (different seeds, same data) lie apart in per-layer fairness-gap. NaN with < 2 runs.
+
+    Args:
+      profiles: one ``{layer: gap}`` per run.
+      order: the layers to average over.
+    """
+    if len(profiles) < 2:
+        return float("nan")
+    d = [np.mean([abs(a[n] - b[n]) for n in order])
+         for i, a in enumerate(profiles) for b in profiles[i + 1:]]
+    return float(np.mean(d))
+
+
+def within(ci: dict, bound: float) -> bool | str:
+    """Whether a quantity with interval ``ci`` is below ``bound``: True if the whole interval is,
+    False if the whole interval is above it, otherwise (or with one seed) ``"inconclusive"``."""
+    return stats.verdict(ci["lo"] - bound, ci["hi"] - bound, expect="negative")
+
+
+def above(ci: dict, bound: float) -> bool | str:
+    """True if the whole interval lies above ``bound``, False if below, else ``"inconclusive"``."""
+    return stats.verdict(ci["lo"] - bound, ci["hi"] - bound, expect="positive")
+
+
+def _all(verdicts) -> bool | str:
+    v = list(verdicts)
+    if all(x is True for x in v):
+        return True
+    if any(x is False for x in v):
+        return False
+    return "inconclusive"
+
+
+def seed_table(by_seed: dict, model: str) -> tuple[list[str], dict]:
+    """``(variant keys in order, {key: {metric: [one value per seed]}})`` for one model; the key is
+    ``(method, scope)``, only variants present in every seed."""
+    seeds = sorted(by_seed)
+    per = [{(r["method"], r["scope"]): r for res in by_seed[s] if res["model"] == model
+            for r in res["rows"]} for s in seeds]
+    keys = [k for k in per[0] if all(k in p for p in per)]
+    cols = ("forget_acc", "retain_acc", "test_acc", "mia", "mia_auc", "gap_mean", "gap_last",
+            "gap_shift", "fgsm_acc", "pgd_acc", "fgsm_rel", "epoch_s", "step_temp_bytes")
+    return keys, {k: {c: [p[k][c] for p in per] for c in cols if all(c in p[k] for p in per)}
+                  for k in keys}
+
+
+def analyse(by_seed: dict) -> dict:
+    """The seed-level analysis: per model, mean ± 95 % CI of every variant's metrics, paired
+    comparisons with Retrain, Conjecture 1 (gap shift against the between-run difference),
+    Conjecture 2 pooled over seeds (Fisher z), the last-k claim, and the ``paper_comparison``
+    entries (:func:`experiments.stats.claim`)."""
+    seeds = sorted(by_seed)
+    models_ = [res["model"] for res in by_seed[seeds[0]]]
+    out = {"seeds": seeds, "models": {}, "paper_comparison": []}
+    claims = out["paper_comparison"]
+    for m in models_:
+        res0 = next(r for r in by_seed[seeds[0]] if r["model"] == m)
+        order, k = res0["norm_layers"], res0["last_k"]
+        keys, vals = seed_table(by_seed, m)
+        full = lambda meth: vals.get((meth, "full"))
+        ref = full("Retrain")
+        table = []
+        for key in keys:
+            v = vals[key]
+            row = {"method": key[0], "scope": key[1],
+                   **{c: stats.mean_ci(x) for c, x in v.items()}}
+            if ref is not None and key != ("Retrain", "full"):
+                row["fgsm_vs_retrain"] = stats.paired(v["fgsm_acc"], ref["fgsm_acc"])
+                if min(ref["fgsm_acc"]) > 0:
+                    row["fgsm_rel_drop"] = stats.mean_ci(
+                        [100 * (1 - a / b) for a, b in zip(v["fgsm_acc"], ref["fgsm_acc"])])
+                row["gap_vs_retrain"] = stats.paired(v["gap_mean"], ref["gap_mean"],
+                                                     higher_is_better=False)
+            table.append(row)
+        by_key = {(r["method"], r["scope"]): r for r in table}
+        profiles = lambda meth: [next(r for res in by_seed[s] if res["model"] == m
+                                      for r in res["rows"] if (r["method"], r["scope"]) == (meth, "full"))["gaps"]
+                                 for s in seeds]
+        d_orig = between_run_difference(profiles("Original"), order)
+        d_retrain = (between_run_difference(profiles("Retrain"), order)
+                     if ref is not None else float("nan"))
+        # Conjecture 2 per seed, pooled
+        per_seed = [next(r for r in by_seed[s] if r["model"] == m)["correlations"] for s in seeds]
+        conj2 = {}
+        for key in ("all:gap_mean~fgsm_acc", "all:gap_mean~pgd_acc", "all:gap_mean~fgsm_rel"):
+            rs = [c[key] for c in per_seed if np.isfinite(c[key]["r"]) and c[key]["n"] > 3]
+            conj2[key] = ({"per_seed_r": [c["r"] for c in rs],
+                           **stats.pooled_correlation([c["r"] for c in rs], [c["n"] for c in rs])}
+                          if rs else {"per_seed_r": [], "r": float("nan"), "lo": float("nan"),
+                                      "hi": float("nan"), "p": float("nan"), "n_seeds": 0})
+        out["models"][m] = {"table": table, "between_run_original": d_orig,
+                            "between_run_retrain": d_retrain, "conjecture2": conj2}
+        tag = f" ({m}, {len(seeds)} seed{'s' * (len(seeds) > 1)})"
+        # RL, SalUn, SCRUB lose adversarial accuracy against Retrain
+        for meth in APPROX_LOSERS:
+            r = by_key.get((meth, "full"))
+            if r is None or ref is None:
+                continue
+            d = r["fgsm_vs_retrain"]
+            claims.append(stats.claim(
+                f"{meth} loses FGSM accuracy against Retrain" + tag,
+                "RL, SalUn, SCRUB: up to 50 % lower adversarial accuracy than Retrain",
+                f"FGSM acc. {stats.fmt_ci(r['fgsm_acc'])} vs Retrain {stats.fmt_ci(by_key[('Retrain', 'full')]['fgsm_acc'])}; "
+                f"difference {stats.fmt_ci(d['diff'])} (p = {d['p']:.3g}, Retrain better in "
+                f"{d['n'] - d['wins']}/{d['n']} seeds)"
+                + (f"; relative drop {stats.fmt_ci(r['fgsm_rel_drop'])} %"
+                   if "fgsm_rel_drop" in r else ""),
+                stats.verdict(d["diff"]["lo"], d["diff"]["hi"], expect="negative")))
+            g = r["gap_vs_retrain"]
+            claims.append(stats.claim(
+                f"{meth} has a higher fairness-gap than Retrain" + tag,
+                "RL, SalUn, SCRUB increase the fairness-gap against exact unlearning",
+                f"mean per-layer gap {stats.fmt_ci(r['gap_mean'])} vs Retrain "
+                f"{stats.fmt_ci(by_key[('Retrain', 'full')]['gap_mean'])}; difference "
+                f"{stats.fmt_ci(g['diff'])} (p = {g['p']:.3g})",
+                stats.verdict(g["diff"]["lo"], g["diff"]["hi"], expect="positive")))
+        # CF and BS preserve the gap (Conjecture 1's measure) and robustness
+        for meth in PRESERVERS:
+            r = by_key.get((meth, "full"))
+            if r is None or ref is None:
+                continue
+            d = r["fgsm_vs_retrain"]
+            keep_gap = within(r["gap_shift"], d_orig)
+            keep_rob = above(d["diff"], -ROBUST_MARGIN)
+            claims.append(stats.claim(
+                f"{meth} preserves the fairness-gap and robustness" + tag,
+                "CF and BS preserve the fairness-gap and robustness",
+                f"gap shift from the original {stats.fmt_ci(r['gap_shift'])} vs between-run "
+                f"difference {d_orig:.3g} ({'within' if keep_gap is True else 'not within' if keep_gap is False else 'unclear'}); "
+                f"FGSM acc. - Retrain {stats.fmt_ci(d['diff'])} (margin -{ROBUST_MARGIN})",
+                _all((keep_gap, keep_rob))))
+        # Conjecture 1: exact unlearning preserves the original's gap (within the between-run
+        # difference); the approximate methods that move it more are flagged in the table.
+        if ref is not None:
+            sh = by_key[("Retrain", "full")]["gap_shift"]
+            moved = [meth for (meth, sc), r in by_key.items()
+                     if sc == "full" and meth not in ("Original", "Retrain")
+                     and within(r["gap_shift"], d_orig) is False]
+            claims.append(stats.claim(
+                "Conjecture 1: exact unlearning keeps the original's fairness-gap" + tag,
+                "Retrain preserves the fairness-gap of the original model",
+                f"Retrain's gap shift {stats.fmt_ci(sh)} vs between-run difference of the "
+                f"original {d_orig:.3g} (of Retrain {d_retrain:.3g}); beyond it: "
+                f"{', '.join(moved) or 'none'}",
+                within(sh, d_orig)))
+        c = conj2["all:gap_mean~fgsm_acc"]
+        claims.append(stats.claim(
+            "Conjecture 2: higher fairness-gap, lower adversarial accuracy" + tag,
+            "negative correlation between fairness-gap and FGSM accuracy",
+            f"pooled Pearson r = {c['r']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}] (p = {c['p']:.3g}; "
+            f"per seed {', '.join(f'{x:.2f}' for x in c['per_seed_r'])})",
+            stats.verdict(c["lo"], c["hi"], expect="negative")))
+        # unlearning only the last k blocks is sufficient (forgets like the full-model run, keeps
+        # test accuracy) and cheaper, for the methods that forget on the full model
+        lk = [meth for meth in ("Retrain", "RL", "SalUn") if (meth, f"last{k}") in vals
+              and (meth, "full") in vals]
+        if lk:
+            dforget = stats.mean_ci(np.mean([np.subtract(vals[(x, f"last{k}")]["forget_acc"],
+                                                         vals[(x, "full")]["forget_acc"])
+                                             for x in lk], axis=0))
+            dtest = stats.mean_ci(np.mean([np.subtract(vals[(x, f"last{k}")]["test_acc"],
+                                                       vals[(x, "full")]["test_acc"])
+                                           for x in lk], axis=0))
+            ratios = [np.divide(vals[(x, "full")]["epoch_s"], vals[(x, f"last{k}")]["epoch_s"])
+                      for x in lk if "epoch_s" in vals[(x, "full")]]
+            speed = stats.mean_ci(np.mean(ratios, axis=0)) if ratios else None
+            verdicts = [within(dforget, SUFFICIENT_MARGIN), above(dtest, -SUFFICIENT_MARGIN)]
+            if speed is not None:
+                verdicts.append(above(speed, 1.0))
+            claims.append(stats.claim(
+                f"Unlearning the last {k} blocks is sufficient and cheaper" + tag,
+                "unlearning in the intermediate and last layers is sufficient and cost-effective",
+                f"{', '.join(lk)}: last-k minus full forget acc. {stats.fmt_ci(dforget)}, test acc. "
+                f"{stats.fmt_ci(dtest)} (margins ±{SUFFICIENT_MARGIN})"
+                + (f"; epoch speed-up {stats.fmt_ci(speed)}x" if speed is not None else ""),
+                _all(verdicts)))
     return out
 
 
@@ -760,16 +989,62 @@ def flat_rows(results: list[dict]) -> tuple[list[dict], list[dict]]:
     return summary, layers
 
 
-def report(results: list[dict], cfg: Config, name: str) -> str:
+SEED_COLS = ("forget_acc", "test_acc", "mia", "gap_mean", "gap_shift", "fgsm_acc", "pgd_acc")
+
+
+def seed_report(analysis: dict) -> list[str]:
+    """The seed-level tables: mean ± 95 % CI per variant and the paired comparison with Retrain."""
+    seeds = analysis["seeds"]
+    lines = [f"## Over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}): mean ± 95 % CI\n",
+             "vs Retrain: paired FGSM-accuracy difference (method - Retrain), its paired t-test p "
+             "and the seeds in which the method is more robust; rel. drop = 100 (1 - "
+             "FGSM / FGSM(Retrain)) in %. Conjecture 1's between-run difference = mean over "
+             "pairs of seeds of mean_l |gap_l(run s) - gap_l(run s')| of the independently "
+             "trained originals (and retrained models); a method keeps the original's gap when "
+             f"its gap_shift lies within it. 'Preserves robustness' = the difference's CI lies "
+             f"above -{ROBUST_MARGIN}.\n"]
+    for m, a in analysis["models"].items():
+        lines.append(f"### {m}\n")
+        rows = []
+        for r in a["table"]:
+            row = {"method": r["method"], "scope": r["scope"],
+                   **{c: stats.fmt_ci(r[c]) for c in SEED_COLS if c in r}}
+            if "fgsm_vs_retrain" in r:
+                d = r["fgsm_vs_retrain"]
+                row["FGSM - Retrain"] = stats.fmt_ci(d["diff"])
+                row["p"] = f"{d['p']:.3g}"
+                row["seeds above Retrain"] = f"{d['wins']}/{d['n']}"
+                if "fgsm_rel_drop" in r:
+                    row["rel. drop %"] = stats.fmt_ci(r["fgsm_rel_drop"])
+            rows.append(row)
+        lines.append(common.markdown_table(rows))
+        lines.append(f"\nBetween-run difference of the per-layer fairness-gap: originals "
+                     f"{a['between_run_original']:.4g}, retrained models "
+                     f"{a['between_run_retrain']:.4g}.\n")
+        crow = [{"gap ~ adversarial": k.split(":")[1], "pooled r": v["r"], "lo": v["lo"],
+                 "hi": v["hi"], "p": v["p"], "seeds": v["n_seeds"],
+                 "per seed": ", ".join(f"{x:.2f}" for x in v["per_seed_r"])}
+                for k, v in a["conjecture2"].items()]
+        lines.append("Conjecture 2 pooled over seeds (Fisher z, weights n - 3; all unlearned "
+                     "variants of a seed):\n")
+        lines.append(common.markdown_table(crow, digits=3))
+    return lines
+
+
+def report(results: list[dict], cfg: Config, name: str, analysis: dict) -> str:
+    """``report.md``: the paper comparison first, then the seed-level tables, then the first
+    seed's per-model tables, correlations and costs."""
     title = "Fairness-gap and adversarial robustness of class-wise unlearning"
     lines = [f"# {title} ({name})\n",
+             "## Paper vs ours\n",
+             stats.comparison_table(analysis["paper_comparison"]),
              f"Data: {cfg.dataset}; forget class {cfg.forget_class}. Accuracies are "
              "fractions: forget = D_f (train), retain = D_r, test = test samples of the retained "
              "classes. MIA = fraction of D_f a loss-threshold attack (fitted on D_r vs. held-out "
              "retained-class samples) calls non-member. Fairness-gap per normalisation layer l: "
              "max_c - min_c of the class-c feature variance on D_r over the retained classes "
-             f"(per_channel={cfg.per_channel}); gap_mean = mean over layers, gap_last = the "
-             "last "
+             "(per channel: each channel's variance over the samples and positions / tokens of "
+             "class c, averaged over channels); gap_mean = mean over layers, gap_last = the last "
              "normalisation layer in call order, gap_max = the largest, gap_shift = mean over "
              "layers of |gap_l - gap_l(Original)| (Conjecture 1 asks for 0). FGSM / PGD: white-box "
              f"L-inf attacks, eps = {cfg.eps_note}; PGD {cfg.pgd_steps} steps of "
@@ -777,9 +1052,11 @@ def report(results: list[dict], cfg: Config, name: str) -> str:
              "retained classes. time_s = wall time of the method incl. compilation (and the "
              "saliency mask), epoch_s = the fastest epoch after the first (compilation). Pixels "
              "are in [0, 1].\n"]
+    lines += seed_report(analysis)
+    lines.append(f"## First seed ({analysis['seeds'][0]}) in detail\n")
     for res in results:
         m = res["model"]
-        lines.append(f"## {m}\n")
+        lines.append(f"### {m}\n")
         lines.append(f"Blocks: {', '.join(res['blocks'])}; last-k = the last {res['last_k']} "
                      f"({', '.join(res['blocks'][-res['last_k']:])}). {len(res['norm_layers'])} "
                      f"normalisation layers. Sizes: {res['sizes']}.\n")
@@ -816,6 +1093,8 @@ def report(results: list[dict], cfg: Config, name: str) -> str:
 def main(argv=None) -> dict:
     def extra(p):
         p.add_argument("--data-dir", default=None, help="TFDS data_dir with cifar10 (array_record)")
+        p.add_argument("--no-compile-cache", action="store_true",
+                       help="do not use JAX's persistent compilation cache in OUT/.jax_cache")
 
     args, cfg, name = common.parse_args(__doc__.splitlines()[0], driver="fairness_gap",
                                         config_cls=Config, default_out="runs/fairness_gap",
@@ -827,31 +1106,49 @@ def main(argv=None) -> dict:
     if unknown:
         raise ValueError(f"methods: unknown {unknown}; choose from {METHODS} (and X{PENALTY_SUFFIX})")
     check_attack_eps(cfg.eps)
+    if not args.no_compile_cache and jax.config.jax_compilation_cache_dir is None:
+        # Every seed compiles the same programs; the persistent cache serves the repeats.
+        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.out), ".jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     ds = load_dataset(cfg, args.data_dir, args.seed, not args.no_progress)
     path = os.path.join(args.out, "results.json")
     if args.fresh:
         shutil.rmtree(os.path.join(args.out, "checkpoints"), ignore_errors=True)
-    signature = {"config": dataclasses.asdict(cfg), "seed": args.seed}
+    if cfg.seeds < 1:
+        raise ValueError(f"seeds={cfg.seeds}: run at least one seed")
+    # A row depends on its (seed, model, method, scope) only, so the selection fields are left out
+    # of the signature: a run with more seeds, models, methods or scopes resumes a smaller one.
+    signature = {"config": {k: v for k, v in dataclasses.asdict(cfg).items()
+                            if k not in SELECTION}, "seed": args.seed}
     rows = [] if args.fresh else common.resume_rows(path, signature)
     save = lambda: common.write_json(path, {"signature": signature, "rows": rows})
     t0 = time.perf_counter()
-    results = []
-    for model_name in cfg.models or tuple(cfg.recipes):
-        print(f"[{model_name}]", flush=True)
-        res = run_model(model_name, cfg, ds, out=args.out, seed=args.seed,
-                        progress=not args.no_progress, rows=rows, save=save)
-        results.append(res)
-        plot_layers(res, os.path.join(args.out, f"fairness_gap_layers_{model_name}.png"))
-        plot_scatter(res, os.path.join(args.out, f"conjecture2_{model_name}.png"))
-    summary, layers = flat_rows(results)
-    out = {"signature": signature, "preset": name, "seed": args.seed,
+    # The data split always comes from --seed; the model seeds are --seed + seed_offset + i.
+    seeds = [args.seed + cfg.seed_offset + i for i in range(cfg.seeds)]
+    by_seed = {}  # seed -> [per-model result]
+    for i, seed in enumerate(seeds):
+        for model_name in cfg.models or tuple(cfg.recipes):
+            print(f"[{model_name}, seed {seed}]", flush=True)
+            res = run_model(model_name, cfg, ds, out=args.out, seed=seed, progress=not args.no_progress, rows=rows, save=save,
+                            memory_analysis=None if i == 0 else ())
+            by_seed.setdefault(seed, []).append(res)
+    results = by_seed[seeds[0]]  # plots and per-model tables: the first seed
+    for res in results:
+        plot_layers(res, os.path.join(args.out, f"fairness_gap_layers_{res['model']}.png"))
+        plot_scatter(res, os.path.join(args.out, f"conjecture2_{res['model']}.png"))
+    analysis = analyse(by_seed)
+    summary, layers = flat_rows([r for s in seeds for r in by_seed[s]])
+    out = {"signature": signature, "preset": name, "seed": args.seed, "seeds": seeds,
+           "paper_comparison": analysis["paper_comparison"],
            "environment": common.environment(), "seconds": time.perf_counter() - t0,
-           "models": [{k: v for k, v in r.items() if k != "rows"} for r in results],
-           "rows": [r for res in results for r in res["rows"]]}
+           "analysis": {k: v for k, v in analysis.items() if k != "paper_comparison"},
+           "models": [{k: v for k, v in r.items() if k != "rows"} for s in seeds for r in by_seed[s]],
+           # every finished row, also those of seeds / methods outside this run's selection
+           "rows": rows}
     common.write_json(path, out)
     common.write_csv(os.path.join(args.out, "summary.csv"), summary)
     common.write_csv(os.path.join(args.out, "fairness_gap_layers.csv"), layers)
-    text = report(results, cfg, name)
+    text = report(results, cfg, name, analysis)
     common.write_text(os.path.join(args.out, "report.md"), text)
     print(text)
     return out

@@ -30,9 +30,16 @@ scikit-learn digits with a spurious frame cue (forget cell = digit 9 without fra
 both with an MLP; ``celeba``, ``waterbirds``, ``fairface`` train ResNet-18 from ``--data-dir`` with
 the reference's recipes, from scratch; ``tiny`` is the test config.
 
-Writes ``DIR/results.json`` (one row per finished (dataset, ratio) cell, rewritten after each; a
-rerun skips the finished cells, ``--fresh`` starts over; the original models are checkpointed under
-``DIR/checkpoints``), ``DIR/report.md`` (tables in the paper's form, percent), per-cell CSVs and
+``--set seeds=N`` repeats every cell for seeds ``--seed`` .. ``--seed + N - 1`` (forget set,
+initialisation and batch order drawn per seed) and checks the paper's claims over seeds
+(:func:`analyse`: mean ± 95 % CI per method and metric, MIU against every baseline paired over
+seeds); the verdicts are ``paper_comparison`` in ``results.json`` and the first table of
+``report.md``.
+
+Writes ``DIR/results.json`` (``paper_comparison``, ``analysis`` and one row per finished (seed,
+dataset, ratio) cell, rewritten after each; a rerun skips the finished cells, also one with more
+seeds or ratios, ``--fresh`` starts over; the original models are checkpointed under
+``DIR/checkpoints/seed<s>``), ``DIR/report.md`` (tables in the paper's form, percent), per-cell CSVs and
 ``DIR/group_accuracy.png``. JAX's persistent compilation cache is kept in ``DIR/.jax_cache``
 (``--no-compile-cache`` to disable).
 """
@@ -50,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import common
+from experiments import common, stats
 from jaxunlearn import checkpoint, data, evaluation, loop, metrics, weights
 from jaxunlearn import methods as M
 from jaxunlearn import mutual_information as mi
@@ -71,12 +78,15 @@ REFERENCES = ("rw_retrain", "retrain")  # Avg. Gap / ToW references, headline fi
 @dataclasses.dataclass(frozen=True)
 class Config:
     """``datasets``: one :class:`DatasetConfig` dict per dataset; ``ablation``: ``dict(dataset,
-    ratio, mine_steps)`` for the MIU quirk ablation, or None."""
+    ratio, mine_steps)`` for the MIU quirk ablation (first seed only), or None; ``seeds``: how many
+    seeds (``--seed``, ``--seed`` + 1, ...) one run loops over; each seed draws its own forget set,
+    initialisation and batch order, and every (seed, dataset, ratio) cell is resumable."""
 
     datasets: tuple = ()
     ratios: tuple = RATIOS
     methods: tuple = ALL_METHODS
     ablation: dict | None = None
+    seeds: int = 1  # seeds base, base + 1, ...; claims need >= 2 (5 documented)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -591,6 +601,176 @@ def claim_check(per_ratio: dict) -> list[dict]:
     return out
 
 
+# ----------------------------------------------------------------------------- seeds and claims
+
+BASELINES = ("l1_sparse", "rw_l1_sparse", "salun", "rw_salun", "scrub", "rw_scrub")
+
+
+def seed_values(cells: list[dict], dataset: str, ratio: float, seeds) -> dict:
+    """``{method: {metric: [one value per seed]}}`` of one (dataset, ratio), for the methods that
+    ran without error in every seed."""
+    per = {c["seed"]: c["rows"] for c in cells if c["dataset"] == dataset and c["ratio"] == ratio}
+    if sorted(per) != sorted(seeds):
+        raise ValueError(f"{dataset} r = {ratio}: cells for seeds {sorted(per)}, expected {seeds}")
+    names = [m for m in per[seeds[0]] if all(m in per[s] and "error" not in per[s][m] for s in seeds)]
+    keys = [k for k in HEAD if all(k in per[s][m] for m in names for s in seeds)]
+    keys += [k for k in ("mia_attack_auc",) if all(k in per[s].get("original", {}) for s in seeds)]
+    return {m: {k: [per[s][m][k] for s in seeds] for k in keys if all(k in per[s][m] for s in seeds)}
+            for m in names}
+
+
+def _compare(vals: dict, a: str, b: str, key: str, *, higher_is_better: bool) -> dict | None:
+    if a not in vals or b not in vals or key not in vals[a] or key not in vals[b]:
+        return None
+    return stats.paired(vals[a][key], vals[b][key], higher_is_better=higher_is_better)
+
+
+def _pct(ci: dict) -> str:
+    return stats.fmt_ci({k: 100 * v if isinstance(v, float) else v for k, v in ci.items()})
+
+
+def _combine(verdicts: list) -> bool | str:
+    """A claim over several cells: true if it holds in all, false if it fails in any (the
+    interval lies on the wrong side), otherwise inconclusive."""
+    if verdicts and all(v is True for v in verdicts):
+        return True
+    if any(v is False for v in verdicts):
+        return False
+    return "inconclusive"
+
+
+def analyse(cells: list[dict], specs, ratios, seeds) -> dict:
+    """Seed-level tables (mean ± 95 % CI per method and metric), MIU against every baseline
+    (paired over seeds), and the ``paper_comparison`` entries, per dataset over its ratios."""
+    out = {"seeds": list(seeds), "datasets": {}, "paper_comparison": []}
+    tag = f"{len(seeds)} seed{'s' * (len(seeds) > 1)}"
+    for spec in specs:
+        per_ratio = {}
+        for r in ratios:
+            vals = seed_values(cells, spec.name, r, list(seeds))
+            table = {m: {k: stats.mean_ci(v) for k, v in mv.items()} for m, mv in vals.items()}
+            comp = {}
+            for base in (*BASELINES, "original", "miu_no_rw"):
+                gap = _compare(vals, "miu", base, "avg_gap_rw_retrain", higher_is_better=False)
+                if gap is None:
+                    continue
+                comp[base] = {"avg_gap_rw_retrain": gap,
+                              "avg_gap_nomia_rw_retrain": _compare(
+                                  vals, "miu", base, "avg_gap_nomia_rw_retrain",
+                                  higher_is_better=False),
+                              "group_accuracy": _compare(vals, "miu", base, "group_accuracy",
+                                                         higher_is_better=True)}
+            per_ratio[str(r)] = {"table": table, "miu_vs": comp,
+                                 "retrain_vs_original_ga": _compare(
+                                     vals, "retrain", "original", "group_accuracy",
+                                     higher_is_better=True),
+                                 "rw_vs_retrain_ga": _compare(vals, "rw_retrain", "retrain",
+                                                              "group_accuracy",
+                                                              higher_is_better=True)}
+        out["datasets"][spec.name] = per_ratio
+        out["paper_comparison"] += _claims(spec.name, per_ratio, tag)
+    return out
+
+
+def _claims(dataset: str, per_ratio: dict, tag: str) -> list[dict]:
+    """The paper's headline claims for one dataset, each checked at every ratio."""
+    claims = []
+
+    def one(name, paper, pick, expect, describe):
+        parts, verdicts = [], []
+        for r, pr in per_ratio.items():
+            p = pick(pr)
+            if p is None:
+                continue
+            v = stats.verdict(p["diff"]["lo"], p["diff"]["hi"], expect=expect)
+            verdicts.append(v)
+            parts.append(f"r={r}: {describe(pr, p)} [{'yes' if v is True else 'no' if v is False else 'inconclusive'}]")
+        if parts:
+            claims.append(stats.claim(f"{name} ({dataset}, {tag})", paper, "; ".join(parts),
+                                      _combine(verdicts)))
+
+    diff = lambda p: f"diff {_pct(p['diff'])} pts (p = {p['p']:.3g}, won {p['wins']}/{p['n']})"
+    one("Plain retraining lowers the forget cell's group accuracy",
+        "a group-skewed forget set degrades the dominant group under retraining",
+        lambda pr: pr["retrain_vs_original_ga"], "negative",
+        lambda pr, p: f"GA retrain - original {diff(p)}")
+    one("Reweighted retraining restores group accuracy over plain retraining",
+        "sample-distribution reweighting mitigates the group-accuracy loss",
+        lambda pr: pr["rw_vs_retrain_ga"], "positive",
+        lambda pr, p: f"GA RW retrain - retrain {diff(p)}")
+    # MIU against the six approximate baselines: one verdict per ratio over all baselines
+    for key, expect, paper, name in (
+            ("avg_gap_rw_retrain", "negative",
+             "MIU outperforms L1-sparse, SalUn, SCRUB (Avg. Gap to the reweighted retrain)",
+             "MIU has a lower Avg. Gap to the RW retrain than every baseline"),
+            ("group_accuracy", "positive",
+             "MIU preserves the dominant group's accuracy better than the baselines",
+             "MIU has a higher group accuracy than every baseline")):
+        parts, verdicts = [], []
+        for r, pr in per_ratio.items():
+            vs = {b: c[key] for b, c in pr["miu_vs"].items() if b in BASELINES and c[key]}
+            if not vs:
+                continue
+            each = {b: stats.verdict(p["diff"]["lo"], p["diff"]["hi"], expect=expect)
+                    for b, p in vs.items()}
+            verdicts.append(_combine(list(each.values())))
+            won = ", ".join(f"{LABELS[b]} {p['wins']}/{p['n']}" for b, p in vs.items())
+            parts.append(f"r={r}: MIU {_pct(pr['table']['miu'][key])}; significantly better than "
+                         f"{sum(x is True for x in each.values())}/{len(each)}, worse than "
+                         f"{sum(x is False for x in each.values())}/{len(each)} (seeds won: {won})")
+        if parts:
+            claims.append(stats.claim(f"{name} ({dataset}, {tag})", paper, "; ".join(parts),
+                                      _combine(verdicts)))
+    one("MIU is closer to the RW retrain than the untouched original model",
+        "unlearning with MIU approaches the group-robust retrain (implied)",
+        lambda pr: pr["miu_vs"].get("original", {}).get("avg_gap_rw_retrain"), "negative",
+        lambda pr, p: f"Avg. Gap MIU {_pct(pr['table']['miu']['avg_gap_rw_retrain'])} vs "
+                      f"original {_pct(pr['table']['original']['avg_gap_rw_retrain'])}, {diff(p)}")
+    one("Reweighting helps MIU (MIU vs MIU without RW)",
+        "MIU exploits sample-distribution reweighting",
+        lambda pr: pr["miu_vs"].get("miu_no_rw", {}).get("avg_gap_rw_retrain"), "negative",
+        lambda pr, p: f"Avg. Gap MIU - MIU (no RW) {diff(p)}")
+    return claims
+
+
+def seed_report(analysis: dict) -> list[str]:
+    """Mean ± 95 % CI tables per dataset and ratio, and MIU against every baseline."""
+    seeds = analysis["seeds"]
+    lines = [f"## Over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}): mean ± 95 % CI, percent\n",
+             "MIU vs X: paired differences over seeds (MIU - X, percentage points), paired t-test p "
+             "and the seeds MIU won (lower Avg. Gap, higher GA). MIA AUC: the attack's AUC "
+             "separating D_f from held-out data; attack AUC: retain vs validation (50 = no "
+             "signal).\n"]
+    for dname, per_ratio in analysis["datasets"].items():
+        lines.append(f"### {dname}\n")
+        for r, pr in per_ratio.items():
+            lines.append(f"#### r = {r}\n")
+            rows = []
+            for m, t in pr["table"].items():
+                row = {"method": LABELS.get(m, m)}
+                row.update({head: _pct(t[k]) for k, head in HEAD.items() if k in t})
+                rows.append(row)
+            lines.append(common.markdown_table(rows))
+            if "mia_attack_auc" in pr["table"].get("original", {}):
+                lines.append(f"MIA attack AUC of the original model: "
+                             f"{_pct(pr['table']['original']['mia_attack_auc'])}.\n")
+            crow = []
+            for b, c in pr["miu_vs"].items():
+                row = {"MIU vs": LABELS.get(b, b)}
+                for key, head in (("avg_gap_rw_retrain", "Gap (RW)"),
+                                  ("avg_gap_nomia_rw_retrain", "Gap-MIA (RW)"),
+                                  ("group_accuracy", "GA")):
+                    p = c.get(key)
+                    if p:
+                        row[f"{head} diff"] = _pct(p["diff"])
+                        row[f"{head} p"] = f"{p['p']:.3g}"
+                        row[f"{head} won"] = f"{p['wins']}/{p['n']}"
+                crow.append(row)
+            if crow:
+                lines.append(common.markdown_table(crow))
+    return lines
+
+
 def plot_group_accuracy(results: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -620,7 +800,16 @@ def plot_group_accuracy(results: dict, path: str) -> None:
 
 
 def write_report(results: dict, out: str) -> str:
-    lines = [f"# Group-robust unlearning ({results['preset']} preset)\n",
+    """``report.md``: the paper comparison first, the seed-level tables, then the first seed's
+    per-ratio tables, claim check and ablation."""
+    analysis = results["analysis"]
+    lines = [f"# Group-robust unlearning ({results['preset']} preset)\n", "## Paper vs ours\n",
+             stats.comparison_table(analysis["paper_comparison"]),
+             "A claim over several ratios holds when it holds at every ratio, fails when its "
+             "interval lies on the wrong side at any ratio, and is inconclusive otherwise; MIU "
+             "against the baselines holds at a ratio when it is significantly better than each.\n",
+             *seed_report(analysis),
+             f"## First seed ({results['seeds'][0]}) in detail\n",
              "Percent. RA/FA/TA: retain/forget/test accuracy; MIA: forget non-member rate; EO: "
              "De Min's equalized odds; GA: test accuracy on the forget cell; WGA: worst (target, "
              "sensitive) test cell; ToW and Gap (RW) = Avg. Gap against the reweighted (sampler) "
@@ -695,19 +884,21 @@ def by_dataset(cells: list[dict]) -> dict:
     return out
 
 
-def run_dataset(spec: DatasetConfig, cfg: Config, ratios, args):
-    """Train (or restore) the original model of ``spec`` and yield one cell per ratio in ``ratios``."""
+def run_dataset(spec: DatasetConfig, cfg: Config, ratios, args, *, seed: int, ablation: bool):
+    """Train (or restore) the original model of ``spec`` for one seed and yield one cell per ratio
+    in ``ratios`` (with the MIU quirk ablation when ``ablation`` and the config asks for it)."""
     progress = not args.no_progress
     ds = load_dataset(spec, args.data_dir)
-    rows_by_ratio = forget_rows(ds, spec, ratios, args.seed)  # validates before training
-    study = Study(spec, ds, seed=args.seed, progress=progress)
+    rows_by_ratio = forget_rows(ds, spec, ratios, seed)  # validates before training
+    study = Study(spec, ds, seed=seed, progress=progress)
     if progress:
-        print(f"[{spec.name}] training the original model", flush=True)
-    original, orig_info = study.train_original(os.path.join(args.out, "checkpoints", spec.name))
-    head = {"dataset": spec.name, "target": spec.target, "sensitive": spec.sensitive,
+        print(f"[{spec.name}, seed {seed}] training the original model", flush=True)
+    original, orig_info = study.train_original(os.path.join(args.out, "checkpoints", f"seed{seed}",
+                                                            spec.name))
+    head = {"seed": seed, "dataset": spec.name, "target": spec.target, "sensitive": spec.sensitive,
             "cell": [ds.class_names[spec.target], ds.group_names[spec.sensitive]],
             "original": orig_info}
-    ab = cfg.ablation
+    ab = cfg.ablation if ablation else None
     for r, rows in rows_by_ratio.items():
         if progress:
             print(f"[{spec.name}] r = {r}: |D_f| = {len(rows)}", flush=True)
@@ -741,27 +932,41 @@ def main(argv=None) -> dict:
     path = os.path.join(args.out, "results.json")
     if args.fresh:
         shutil.rmtree(os.path.join(args.out, "checkpoints"), ignore_errors=True)
-    signature = {"config": dataclasses.asdict(cfg), "seed": args.seed}
+    if cfg.seeds < 1:
+        raise ValueError(f"seeds={cfg.seeds}: run at least one seed")
+    # A cell depends on its (seed, dataset, ratio) only, so seeds and ratios are left out of the
+    # signature: a run with more seeds or ratios resumes a smaller one.
+    signature = {"config": {k: v for k, v in dataclasses.asdict(cfg).items()
+                            if k not in ("seeds", "ratios")}, "seed": args.seed}
     cells = [] if args.fresh else common.resume_rows(path, signature)
-    done = {(c["dataset"], c["ratio"]) for c in cells}
+    done = {(c.get("seed", args.seed), c["dataset"], c["ratio"]) for c in cells}
     if done and not args.no_progress:
         print(f"resuming {path}: {len(done)} finished cell(s) kept", flush=True)
-    for spec in specs:
-        todo = [r for r in ratios if (spec.name, r) not in done]
-        if todo:
-            for cell in run_dataset(spec, cfg, todo, args):
-                cells.append(cell)
-                common.write_json(path, {"signature": signature, "rows": cells})
-    order = {key: i for i, key in enumerate((s.name, r) for s in specs for r in ratios)}
-    cells.sort(key=lambda c: order[(c["dataset"], c["ratio"])])
-    results = {"signature": signature, "preset": name, "seed": args.seed,
-               "environment": common.environment(), "rows": cells}
+    seeds = [args.seed + i for i in range(cfg.seeds)]
+    for i, seed in enumerate(seeds):
+        for spec in specs:
+            todo = [r for r in ratios if (seed, spec.name, r) not in done]
+            if todo:
+                for cell in run_dataset(spec, cfg, todo, args, seed=seed, ablation=i == 0):
+                    cells.append(cell)
+                    common.write_json(path, {"signature": signature, "rows": cells})
+    order = {key: i for i, key in enumerate((sd, s.name, r) for sd in seeds for s in specs
+                                            for r in ratios)}
+    mine = sorted((c for c in cells if (c.get("seed", args.seed), c["dataset"], c["ratio"]) in order),
+                  key=lambda c: order[(c.get("seed", args.seed), c["dataset"], c["ratio"])])
+    first = [c for c in mine if c.get("seed", args.seed) == seeds[0]]
+    analysis = analyse(mine, specs, ratios, seeds)
+    results = {"signature": signature, "preset": name, "seed": args.seed, "seeds": seeds,
+               "paper_comparison": analysis["paper_comparison"],
+               "environment": common.environment(),
+               "analysis": {k: v for k, v in analysis.items() if k != "paper_comparison"},
+               "rows": cells}
     common.write_json(path, results)
-    for c in cells:
+    for c in first:
         common.write_csv(os.path.join(args.out, f"{c['dataset']}_r{c['ratio']}.csv"),
                          [{k: v for k, v in row.items() if not isinstance(v, dict)}
                           for row in c["rows"].values()])
-    view = {"preset": name, "datasets": by_dataset(cells)}
+    view = {"preset": name, "datasets": by_dataset(first), "seeds": seeds, "analysis": analysis}
     plot_group_accuracy(view, os.path.join(args.out, "group_accuracy.png"))
     report = write_report(view, args.out)
     if not args.no_progress:

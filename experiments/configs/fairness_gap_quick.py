@@ -25,7 +25,7 @@ PAPER = dict(dataset="cifar10", input="stream", forget_class=9,  # truck
                       "SCRUB": dict(HPARAMS["SCRUB"], max_epochs=3, forget_batch=128),
                       "GA": dict(HPARAMS["GA"], lr=1e-4, epochs=5, forget_batch=128)},
              unlearn_epochs=10, unlearn_batch_size=128, eps=8 / 255,
-             eps_note="8/255 on [0, 1] pixels", pgd_steps=10, per_channel=True, eval_batch_size=1000,
+             eps_note="8/255 on [0, 1] pixels", pgd_steps=10, eval_batch_size=1000,
              memory_analysis=("Retrain", "CF", "RL", "BS", "SalUn", "SCRUB", "GA", "L1-sparse"))
 
 RESNET18 = dict(arch="resnet18", width=8, stem="cifar", last_k=3,
@@ -42,6 +42,6 @@ def get_config():
     return dict(dataset="digits", forget_class=3, recipes={"resnet18": RESNET18, "vit": VIT},
                 hparams=HPARAMS, unlearn_epochs=5, unlearn_batch_size=64,
                 eps=8 / 255, eps_note="8/255 on [0, 1] pixels (digits: x = grey level / 16)",
-                pgd_steps=10, per_channel=False, eval_batch_size=512,
+                pgd_steps=10, eval_batch_size=512,
                 # XLA memory analysis costs one extra compilation per variant; on CPU only these.
                 memory_analysis=("Retrain", "CF", "RL", "SCRUB"))

@@ -7,11 +7,17 @@ The paper does not spell out "variance of the features"; here it is
     sigma_c^l = (1/D) sum_d Var_{i in c}(h_{i,d}),
 
 the mean over the D output features of each feature's (population, ddof = 0) variance across the
-samples of class c, i.e. ``trace(Cov_c(h)) / D``. By default (``per_channel=False``) a feature is
-one output unit: a [H, W, C] BatchNorm output has D = H*W*C features and a [T, C] LayerNorm output
-D = T*C. With ``per_channel=True`` a feature is a channel (the last axis) and the spatial positions
-or tokens of every sample are pooled as observations, which matches the statistics BatchNorm itself
-normalises with and needs only O(C) memory per class instead of O(H*W*C).
+samples of class c, i.e. ``trace(Cov_c(h)) / D``. What a "feature" is, is the one choice:
+
+* ``per_channel=True``: a feature is a channel (the last axis) and the spatial positions or tokens
+  of every sample are pooled as observations: the statistics a normalisation layer itself
+  normalises with (BatchNorm pools batch and positions per channel), O(C) memory per class. This
+  is our reading of Definition 1 ("the variance of the features at a normalisation layer") and the
+  statistic the Tran & Woo study (``experiments/fairness_gap.py``) reports in every preset.
+* ``per_channel=False`` (the default, kept for compatibility): the per-unit variant, a feature is
+  one output unit: a [H, W, C] BatchNorm output has D = H*W*C features and a [T, C] LayerNorm
+  output D = T*C. By the law of total variance the per-channel variance equals this one plus
+  the spread over positions of each channel's class mean. Both agree on [B, C] outputs.
 
 Statistics. Per layer and class: ``count`` [K], ``mean`` [K, D] and ``m2`` [K, D] (sum of squared
 deviations from the mean). Each batch is reduced exactly (two passes over the batch) and merged
