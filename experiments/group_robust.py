@@ -58,7 +58,7 @@ import numpy as np
 import optax
 
 from experiments import common, stats
-from jaxunlearn import checkpoint, data, evaluation, loop, metrics, weights
+from jaxunlearn import checkpoint, data, evaluation, loop, metrics, sharding, weights
 from jaxunlearn import methods as M
 from jaxunlearn import mutual_information as mi
 from jaxunlearn.influence import last_layer, measurements, scores
@@ -391,6 +391,9 @@ class Study:
             steps = un["epochs"] * data.num_batches(len(self.ds.train["y"]), un["batch_size"])
             kw["optimizer"] = common.make_optimizer("sgd", c["model_lr"], steps=steps, momentum=0.9,
                                                     weight_decay=1e-4)
+        if common.MESH is not None:  # split the estimator tuning batches over the data axis too
+            kw["tune_sharding"] = jax.sharding.NamedSharding(
+                common.MESH, jax.sharding.PartitionSpec(sharding.data_axis(common.MESH)))
         name, lr = c["mine_optimizer"]
         return miu_lib.miu(
             self.model.apply, train_split, num_classes=self.ds.num_classes,

@@ -382,7 +382,8 @@ def test_driver_surfaces_bad_setups_before_training(tmp_path, monkeypatch, chang
 
 
 @pytest.mark.slow
-def test_driver_smoke_run_writes_every_output_and_resumes_identically(tmp_path, monkeypatch):
+def test_driver_smoke_run_writes_every_output_and_resumes_identically(tmp_path, monkeypatch,
+                                                                       killed_driver):
     # One method (GA, the cheapest to compile) on the full model and its last block: the other
     # methods share this path (run_variant -> build_method -> loop.run -> evaluate_model);
     # test_variants_cover_every_method checks that the presets list all of them.
@@ -415,15 +416,12 @@ def test_driver_smoke_run_writes_every_output_and_resumes_identically(tmp_path, 
     assert claims[0]["holds"] in (True, False, "inconclusive")
     assert report.split("\n## ")[1].startswith("Paper vs ours\n\n| claim | paper | ours | holds |")
 
-    # A run killed after its first two rows leaves exactly this behind (results.json is rewritten
-    # atomically after each row; the checkpoints of the original model are complete): rerun it.
+    # The same run killed (a real kill -9 of a subprocess) right after its second row was
+    # written, then rerun on the same --out: only the missing row runs.
     part = str(tmp_path / "part")
-    shutil.copytree(os.path.join(out, "checkpoints", "seed0", "vit", "original"),
-                    os.path.join(part, "checkpoints", "seed0", "vit", "original"))
-    with open(os.path.join(out, "results.json")) as f:
-        saved = json.load(f)
-    common.write_json(os.path.join(part, "results.json"),
-                      {"signature": saved["signature"], "rows": saved["rows"][:2]})
+    killed_driver("fairness_gap", argv + ["--out", part], after=2)
+    with open(os.path.join(part, "results.json")) as f:
+        assert [(r["method"], r["scope"]) for r in json.load(f)["rows"]] == labels[:2]
     ran = []
     run_variant = fg.run_variant
     monkeypatch.setattr(fg, "run_variant", lambda *a, **k: ran.append(a[:2]) or run_variant(*a, **k))

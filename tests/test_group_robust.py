@@ -152,7 +152,8 @@ def _cells(path):
 
 
 def test_smoke_run_writes_outputs_and_resumes_identically_after_an_interruption(tmp_path,
-                                                                               monkeypatch):
+                                                                               monkeypatch,
+                                                                               killed_driver):
     argv = ["--preset", "tiny", "--set", "ratios=0.5,0.9", "--no-progress", "--no-compile-cache"]
     full = str(tmp_path / "full")
     results = GR.main(argv + ["--out", full])
@@ -170,20 +171,13 @@ def test_smoke_run_writes_outputs_and_resumes_identically_after_an_interruption(
     assert [c["holds"] for c in results["paper_comparison"]] == ["inconclusive"]
     assert report.split("\n## ")[1].startswith("Paper vs ours\n\n| claim | paper | ours | holds |")
 
-    # The same run killed after its first (dataset, ratio) cell, then rerun on the same --out.
+    # The same run killed (a real kill -9 of a subprocess) right after its first (dataset, ratio)
+    # cell was written, then rerun on the same --out.
     part = str(tmp_path / "part")
-    run_cell, calls = GR.run_cell, []
-
-    def dies_on_the_second_cell(*a, **k):
-        calls.append(a[3])
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        return run_cell(*a, **k)
-
-    monkeypatch.setattr(GR, "run_cell", dies_on_the_second_cell)
-    with pytest.raises(KeyboardInterrupt):
-        GR.main(argv + ["--out", part])
+    killed_driver("group_robust", argv + ["--out", part], after=1)
     assert [c["ratio"] for c in _cells(os.path.join(part, "results.json"))] == [0.5]
+    run_cell, calls = GR.run_cell, []
+    monkeypatch.setattr(GR, "run_cell", lambda *a, **k: calls.append(a[3]) or run_cell(*a, **k))
     calls.clear()
     GR.main(argv + ["--out", part])
     assert calls == [0.9]  # the finished cell is kept, not recomputed
