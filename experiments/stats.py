@@ -13,12 +13,17 @@ import math
 from typing import Sequence
 
 import numpy as np
-from scipy import stats as _st
 
 __all__ = ["mean_ci", "paired", "pooled_correlation", "verdict", "claim", "comparison_table",
            "fmt_ci"]
 
 LEVEL = 0.95
+
+
+def _scipy_stats():
+    from scipy import stats  # imported on first use: scipy.stats costs ~1.5 s at driver start-up
+
+    return stats
 
 
 def _finite(values, name: str) -> np.ndarray:
@@ -44,7 +49,7 @@ def mean_ci(values: Sequence[float], *, level: float = LEVEL) -> dict:
     n, m = x.size, float(x.mean())
     if n < 2:
         return {"mean": m, "half": math.nan, "lo": math.nan, "hi": math.nan, "n": n}
-    half = float(_st.t.ppf(0.5 + level / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    half = float(_scipy_stats().t.ppf(0.5 + level / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
     return {"mean": m, "half": half, "lo": m - half, "hi": m + half, "n": n}
 
 
@@ -67,7 +72,7 @@ def paired(a: Sequence[float], b: Sequence[float], *, higher_is_better: bool = T
     d = a - b
     p = math.nan
     if d.size >= 2 and np.std(d) > 0:
-        p = float(_st.ttest_rel(a, b).pvalue)
+        p = float(_scipy_stats().ttest_rel(a, b).pvalue)
     wins = int(np.sum(d > 0) if higher_is_better else np.sum(d < 0))
     return {"diff": mean_ci(d, level=level), "p": p, "wins": wins, "n": int(d.size)}
 
@@ -91,9 +96,9 @@ def pooled_correlation(rs: Sequence[float], ns: Sequence[int], *, level: float =
     z = np.arctanh(np.clip(r, -0.999999, 0.999999))
     w = n - 3
     zbar, se = float(np.sum(w * z) / np.sum(w)), float(1 / math.sqrt(np.sum(w)))
-    q = _st.norm.ppf(0.5 + level / 2)
+    q = _scipy_stats().norm.ppf(0.5 + level / 2)
     return {"r": math.tanh(zbar), "lo": math.tanh(zbar - q * se), "hi": math.tanh(zbar + q * se),
-            "p": float(2 * _st.norm.sf(abs(zbar) / se)), "n_seeds": int(r.size)}
+            "p": float(2 * _scipy_stats().norm.sf(abs(zbar) / se)), "n_seeds": int(r.size)}
 
 
 def verdict(lo: float, hi: float, *, expect: str) -> bool | str:
