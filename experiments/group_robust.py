@@ -119,6 +119,7 @@ class DatasetConfig:
 
 def validate(cfg: Config) -> None:
     """Refuse a config before any compute (:func:`experiments.common.check_config`)."""
+    common.check_number("seeds", cfg.seeds, low=1, integer=True)
     check_ratios(cfg.ratios)
     unknown = sorted(set(cfg.methods) - set(ALL_METHODS))
     if unknown:
@@ -923,10 +924,6 @@ def main(argv=None) -> dict:
                                         extra=extra, argv=argv, validate=validate)
     specs = [DatasetConfig(**d) for d in cfg.datasets]
     ratios = check_ratios(cfg.ratios)
-    unknown = sorted(set(cfg.methods) - set(ALL_METHODS))
-    if unknown or not specs:
-        raise ValueError(f"methods: unknown {unknown}; choose from {ALL_METHODS}" if unknown
-                         else "datasets: the config names no dataset")
     if not args.no_compile_cache and jax.config.jax_compilation_cache_dir is None:
         # Plain and reweighted runs of a method (and the MIU variants) compile to the same
         # programs; the persistent cache serves the repeats (about -40% CPU time on quick).
@@ -935,8 +932,6 @@ def main(argv=None) -> dict:
     path = os.path.join(args.out, "results.json")
     if args.fresh:
         shutil.rmtree(os.path.join(args.out, "checkpoints"), ignore_errors=True)
-    if cfg.seeds < 1:
-        raise ValueError(f"seeds={cfg.seeds}: run at least one seed")
     # A cell depends on its (seed, dataset, ratio) only, so seeds and ratios are left out of the
     # signature: a run with more seeds or ratios resumes a smaller one.
     signature = {"config": {k: v for k, v in dataclasses.asdict(cfg).items()
