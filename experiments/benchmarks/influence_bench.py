@@ -409,9 +409,16 @@ def main(argv=None):
                     help="XLA:CPU YNN fusion for the JAX runners (jaxunlearn, plain JAX): 'inherit' = your "
                          f"XLA_FLAGS as they are (default), 'on' = XLA's default, 'off' adds {YNN_OFF} to "
                          "their XLA_FLAGS, 'both' runs each twice (on, then rows '[YNN off]')")
+    ap.add_argument("--cg-rtol", type=float, default=None,
+                    help=f"CG stopping rule ||Hx - b|| <= RTOL ||b|| for every library (default {pc.CG_RTOL:g})")
     ap.add_argument("--methods", default=None,
                     help="only these methods of every runner (e.g. 'cg'); default: all")
     args = ap.parse_args(argv)
+    if args.cg_rtol is not None:
+        if not 0 < args.cg_rtol < 1:
+            raise SystemExit(f"--cg-rtol must be in (0, 1), got {args.cg_rtol}")
+        os.environ["JAXUNLEARN_BENCH_CG_RTOL"] = repr(args.cg_rtol)  # read by every runner's peer_common
+        pc.CG_RTOL = args.cg_rtol
 
     out = Path(args.out or ROOT / "runs" / ("influence_bench_quick" if args.quick else "influence_bench"))
     out.mkdir(parents=True, exist_ok=True)
