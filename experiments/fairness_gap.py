@@ -610,23 +610,31 @@ def run_model(model_name: str, cfg: Config, ds: data.Dataset, *, out: str, seed:
                            "timed_epochs": len(history), "epoch_s": _steady_epoch_seconds(history),
                            "trainable_params": count_trainable(original["params"])}, original, ctx)
         else:
-            row = run_variant(method, None if scope == "full" else recipe["last_k"], ctx)
+            try:
+                row = run_variant(method, None if scope == "full" else recipe["last_k"], ctx)
+            except FloatingPointError as e:  # a diverging method is a finding, not the end of the study
+                row = {"model": model_name, "method": method, "scope": scope, "diverged": str(e)}
         row["seed"] = seed
-        print(f"  {model_name:9s} {variant_name(method, None if scope == 'full' else recipe['last_k']):22s}"
-              f" forget {row['forget_acc']:.3f} retain {row['retain_acc']:.3f} test "
-              f"{row['test_acc']:.3f} gap {row['gap_mean']:.4f} fgsm {row['fgsm_acc']:.3f} pgd "
-              f"{row['pgd_acc']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        label = f"  {model_name:9s} {variant_name(method, None if scope == 'full' else recipe['last_k']):22s}"
+        if "diverged" in row:
+            print(f"{label} DIVERGED ({row['diverged']}); left out of every table", flush=True)
+        else:
+            print(f"{label} forget {row['forget_acc']:.3f} retain {row['retain_acc']:.3f} test "
+                  f"{row['test_acc']:.3f} gap {row['gap_mean']:.4f} fgsm {row['fgsm_acc']:.3f} pgd "
+                  f"{row['pgd_acc']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
         done[(method, scope)] = row
         rows.append(row)
         save()
-    mine = [done[t] for t in todo]
+    mine = [done[t] for t in todo if "diverged" not in done[t]]
     for r in mine:
         add_relative_robustness(r)
         r["gap_shift"] = gap_shift(r["gaps"], mine[0]["gaps"], norm_order)
     return {"model": model_name, "blocks": blocks, "last_k": recipe["last_k"],
             "norm_layers": norm_order, "forget_class": cfg.forget_class,
             "sizes": {s: data.split_size(v) for s, v in splits.items()},
-            "rows": mine, "correlations": correlations(mine), "savings": savings(mine)}
+            "rows": mine, "correlations": correlations(mine), "savings": savings(mine),
+            "diverged": [f"{variant_name(r['method'], None if r['scope'] == 'full' else recipe['last_k'])}: "
+                         f"{r['diverged']}" for r in (done[t] for t in todo) if "diverged" in r]}
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -747,7 +755,9 @@ def analyse(by_seed: dict) -> dict:
     entries (:func:`experiments.stats.claim`)."""
     seeds = sorted(by_seed)
     models_ = [res["model"] for res in by_seed[seeds[0]]]
-    out = {"seeds": seeds, "models": {}, "paper_comparison": []}
+    out = {"seeds": seeds, "models": {}, "paper_comparison": [],
+           "diverged": [f"seed {s}, {res['model']}, {d}" for s in seeds for res in by_seed[s]
+                        for d in res.get("diverged", [])]}
     claims = out["paper_comparison"]
     for m in models_:
         res0 = next(r for r in by_seed[seeds[0]] if r["model"] == m)
@@ -1053,6 +1063,10 @@ def report(results: list[dict], cfg: Config, name: str, analysis: dict) -> str:
              "saliency mask), epoch_s = the fastest epoch after the first (compilation). Pixels "
              "are in [0, 1].\n"]
     lines += seed_report(analysis)
+    if analysis.get("diverged"):
+        lines.append("**Diverged** (loss not finite; these variants are left out of every table, and "
+                     "a variant missing in any seed is left out of the seed tables): "
+                     + "; ".join(analysis["diverged"]) + "\n")
     lines.append(f"## First seed ({analysis['seeds'][0]}) in detail\n")
     for res in results:
         m = res["model"]
