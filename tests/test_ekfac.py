@@ -57,15 +57,17 @@ def _per_sample_autodiff(model, variables, x, y):
 
 
 @pytest.mark.parametrize("name", ["mlp", "resnet", "vit", "oddconv"])
-def test_layer_grads_match_autodiff(name):
+def test_layer_grads_match_autodiff(name, rbg_keys):
+    # one compiled program per side (eagerly, XLA compiles every op of the ResNet / ViT on its own)
     model, x = _models()[name]
-    v = model.init(jax.random.key(0), x)
+    v = jax.jit(model.init)(jax.random.key(0), x)
     if "batch_stats" in v:  # non-trivial running statistics, so eval-mode BatchNorm is not identity
         v = {**v, "batch_stats": jax.tree_util.tree_map(lambda s: s + 0.3, v["batch_stats"])}
     layers = ekfac.find_layers(model.apply, v, x)
     y = np.arange(x.shape[0]) % model.num_outputs
-    got = ekfac.layer_grads(model.apply, v, {"x": x, "y": y}, layers=layers)
-    ref_tree = _per_sample_autodiff(model, v, x, y)
+    got = jax.jit(lambda v, b: ekfac.layer_grads(model.apply, v, b, layers=layers))(
+        v, {"x": x, "y": y})
+    ref_tree = jax.jit(lambda v, x, y: _per_sample_autodiff(model, v, x, y))(v, x, y)
     ref = ekfac.params_to_layer(ref_tree, layers)
     for l in layers:
         assert got[l.name].shape == (x.shape[0], l.d_out, l.d_in)
@@ -299,9 +301,9 @@ def test_exact_fisher_is_the_ggn_for_one_sample():
                 o += m
 
 
-def test_self_scores_are_the_pairwise_diagonal_and_padding_is_ignored():
+def test_self_scores_are_the_pairwise_diagonal_and_padding_is_ignored(rbg_keys):
     model, x = _models()["resnet"]
-    v = model.init(jax.random.key(0), x)
+    v = jax.jit(model.init)(jax.random.key(0), x)
     layers = ekfac.find_layers(model.apply, v, x)
     b = {"x": x, "y": np.arange(5) % 4}
     fac = ekfac.fit(model.apply, v, b, jax.random.key(0), layers=layers, chunk_size=3)   # 3 + (2 + 1 pad)
@@ -310,7 +312,8 @@ def test_self_scores_are_the_pairwise_diagonal_and_padding_is_ignored():
     assert S.shape == (5, 5) and s.shape == (5,)
     np.testing.assert_allclose(np.diag(S), s, rtol=1e-4)
     # a chunk of 3 padded rows changes nothing; the stats are per-batch sums
-    cov = lambda bb: ekfac.covariance_stats(model.apply, v, bb, jax.random.key(3), layers=layers)
+    stats = jax.jit(lambda v, bb, key: ekfac.covariance_stats(model.apply, v, bb, key, layers=layers))
+    cov = lambda bb: stats(v, bb, jax.random.key(3))
     full = cov({**b, "weight": np.ones(5, np.float32)})
     padded = cov({"x": np.concatenate([x, x[:3]]), "y": np.concatenate([b["y"], b["y"][:3]]),
                   "weight": np.r_[np.ones(5), np.zeros(3)].astype(np.float32)})

@@ -381,12 +381,50 @@ def test_driver_surfaces_bad_setups_before_training(tmp_path, monkeypatch, chang
     assert not os.path.exists(tmp_path / "checkpoints")  # nothing was trained
 
 
+def test_every_variant_runs_one_step(tmp_path, monkeypatch, rbg_keys):
+    # Every (method, scope) the driver runs, +FGP included, through run_variant on the smoke model
+    # (untrained: the path, not the result, is under test) with 64 training digits, so each takes
+    # one step. Evaluation (_finish) depends on the variables only: the smoke run below covers it.
+    # (SalUn crashed in its saliency mask for a session while only GA ran end to end.)
+    cfg = _config("smoke", max_train=64)
+    ds = fg.load_dataset(cfg, None, 0, False)
+    recipe, k = cfg.recipes["vit"], cfg.recipes["vit"]["last_k"]
+    model = fg.build_model(recipe, ds.train["x"].shape[1:], ds.num_classes)
+    key = jax.random.key(0)
+    original = fg.init_variables(model, key, ds.train["x"][:1])
+    splits = fg.class_splits(ds, cfg.forget_class)
+    assert max(data.split_size(splits[s]) for s in ("forget", "retain")) <= cfg.unlearn_batch_size
+    ctx = fg.Context(cfg=cfg, model=model, model_name="vit", recipe=recipe, original=original,
+                     splits=splits, num_classes=ds.num_classes,
+                     retained=[c for c in range(ds.num_classes) if c != cfg.forget_class],
+                     norm_order=[], key=key, out=str(tmp_path), progress=False, memory_analysis=())
+    monkeypatch.setattr(fg, "_finish", lambda row, variables, ctx: {**row, "variables": variables})
+    last = models.last_k_mask(original["params"], k)
+    rows = {}
+    for method, scope in fg.variants(cfg):
+        row = fg.run_variant(method, None if scope == "full" else k, ctx)
+        moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), row["variables"]["params"],
+                             original["params"])
+        assert all(np.isfinite(l).all() for l in jax.tree.leaves(row["variables"])), method
+        assert any(jax.tree.leaves(moved)), (method, scope)
+        if scope == "k":  # only the last k blocks moved
+            assert not any(jax.tree.leaves(jax.tree.map(lambda m, t: m and not t, moved, last)))
+        rows[method, scope] = row
+    assert {m for m, _ in rows} == {*fg.METHODS, "RL+FGP", "SalUn+FGP"}
+    assert all(rows[m, "k"]["trainable_params"] < rows[m, "full"]["trainable_params"]
+               for m in fg.METHODS)
+    # SalUn trains only the salient half of the weights, its +FGP the same
+    assert rows["SalUn", "full"]["trainable_params"] < rows["CF", "full"]["trainable_params"]
+    assert rows["SalUn+FGP", "full"]["trainable_params"] == rows["SalUn", "full"]["trainable_params"]
+    assert rows["RL+FGP", "full"]["fg_penalty_last_epoch"] >= 0
+
+
 @pytest.mark.slow
 def test_driver_smoke_run_writes_every_output_and_resumes_identically(tmp_path, monkeypatch,
-                                                                       killed_driver):
+                                                                       killed_driver, rbg_keys):
     # One method (GA, the cheapest to compile) on the full model and its last block: the other
-    # methods share this path (run_variant -> build_method -> loop.run -> evaluate_model);
-    # test_variants_cover_every_method checks that the presets list all of them.
+    # methods share this path (run_variant -> build_method -> loop.run -> evaluate_model) and each
+    # runs a step in test_every_variant_runs_one_step. rbg keys: the checks do not depend on the PRNG.
     out = str(tmp_path / "run")
     argv = ["--preset", "smoke", "--no-progress", "--no-compile-cache", "--set", "methods=GA,"]
     res = fg.main(argv + ["--out", out])

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 
 from experiments import common, influence_validity, train_baselines
 from jaxunlearn import data
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("train_seconds", "seconds", "time")
 
 
@@ -40,22 +37,10 @@ def small_adult(data_dir=None, *, seed: int = 0, **kw) -> data.Dataset:
                         ("Female", "Male"))
 
 
-PATCH = {"train_baselines": "common.load_dataset = lambda name, **kw: t.small_adult(**kw)",
-         "influence_validity": "mod.load_adult = t.small_adult"}
-
-
-def killed_run(driver: str, argv: list[str]) -> dict:
-    """Run ``experiments.<driver>`` (on :func:`small_adult`) in a subprocess that dies after its
-    first results.json; return that file."""
-    code = ("import sys; sys.path.insert(0, 'tests'); import test_resume_drivers as t; "
-            f"from experiments import common, {driver} as mod; {PATCH[driver]}; "
-            f"mod.main({argv + ['--no-progress']!r})")
-    env = dict(os.environ, JAXUNLEARN_KILL_AFTER_RESULTS="1", JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 137, r.stderr[-3000:]
-    with open(os.path.join(argv[argv.index("--out") + 1], "results.json")) as f:
-        return json.load(f)
+# run in the killed child (conftest's killed_driver) before the driver's main
+PATCH = {"train_baselines": "import test_resume_drivers as t\n"
+                            "common.load_dataset = lambda name, **kw: t.small_adult(**kw)",
+         "influence_validity": "import test_resume_drivers as t; mod.load_adult = t.small_adult"}
 
 
 def strip(o):
@@ -68,12 +53,13 @@ def strip(o):
     return o
 
 
-def test_a_killed_train_baselines_run_resumes(tmp_path, monkeypatch):
+def test_a_killed_train_baselines_run_resumes(tmp_path, monkeypatch, killed_driver):
     monkeypatch.setattr(common, "load_dataset", lambda name, **kw: small_adult(**kw))
     recipe = "{'dataset': 'adult', 'model': 'lr', 'lr': %s, 'epochs': 2, 'batch_size': 128, 'l2': 1e-05}"
     argv = ["--preset", "quick", "--set", f"recipes={{'a': {recipe % 0.01}, 'b': {recipe % 0.02}}}"]
     part = str(tmp_path / "part")
-    partial = killed_run("train_baselines", argv + ["--out", part])
+    partial = killed_driver("train_baselines", argv + ["--out", part, "--no-progress"],
+                            patch=PATCH["train_baselines"])
     assert [r["model"] for r in partial["rows"]] == ["a"]
     resumed = train_baselines.main(argv + ["--out", part, "--no-progress"])
     assert resumed["rows"][0] == partial["rows"][0]  # the finished model: history, timings kept
@@ -92,12 +78,13 @@ def test_a_killed_train_baselines_run_resumes(tmp_path, monkeypatch):
     assert again["rows"][1]["train_seconds"] == sum(h["seconds"] for h in b["history"])
 
 
-def test_a_killed_influence_validity_run_resumes(tmp_path, monkeypatch):
+def test_a_killed_influence_validity_run_resumes(tmp_path, monkeypatch, killed_driver):
     monkeypatch.setattr(influence_validity, "load_adult", small_adult)
     argv = ["--preset", "quick", "--set", "num_points=3", "--set", "nn_epochs=1", "--set",
             "nn_hidden=8,", "--set", "batch_size=128"]
     part = str(tmp_path / "part")
-    partial = killed_run("influence_validity", argv + ["--out", part])
+    partial = killed_driver("influence_validity", argv + ["--out", part, "--no-progress"],
+                            patch=PATCH["influence_validity"])
     assert [r["model"] for r in partial["rows"]] == ["LR"]
     resumed = influence_validity.main(argv + ["--out", part, "--no-progress"])
     assert resumed["rows"][0] == partial["rows"][0]  # LR kept as written, timings included
