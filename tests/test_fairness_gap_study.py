@@ -497,6 +497,19 @@ def _synthetic_seed(seed, fgsm, gaps):
             "correlations": fg.correlations(rows)}
 
 
+def test_a_variant_that_diverged_in_one_seed_leaves_the_seed_tables_and_is_named():
+    fgsm = {"Original": 0.8, "Retrain": 0.8, "RL": 0.5, "SCRUB": 0.7}
+    gaps = {m: {"l1": 1.0 + i, "l2": 2.0} for i, m in enumerate(fgsm)}
+    by_seed = {s: [_synthetic_seed(s, fgsm, gaps)] for s in range(3)}
+    res = by_seed[1][0]  # what run_model returns when RL's loss went NaN in seed 1
+    res["rows"] = [r for r in res["rows"] if r["method"] != "RL"]
+    res["diverged"] = ["RL: RL diverged: loss is nan in epoch 1"]
+    a = fg.analyse(by_seed)
+    assert a["diverged"] == ["seed 1, net, RL: RL diverged: loss is nan in epoch 1"]
+    assert {r["method"] for r in a["models"]["net"]["table"]} == {"Original", "Retrain", "SCRUB"}
+    assert not any(c["claim"].startswith("RL ") for c in a["paper_comparison"])
+
+
 def test_analyse_checks_the_papers_claims_against_hand_computed_statistics():
     from experiments import stats
 
