@@ -17,7 +17,6 @@ import json
 import math
 import textwrap
 
-import jax
 import pytest
 
 from experiments import common
@@ -42,13 +41,10 @@ def streamed_batches(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _rbg_keys_and_no_mesh_left_behind():
-    impl = jax.config.jax_default_prng_impl
-    jax.config.update("jax_default_prng_impl", "rbg")
+def _rbg_keys_and_no_mesh_left_behind(rbg_keys):
     try:
         yield
     finally:
-        jax.config.update("jax_default_prng_impl", impl)
         common.MESH = None
 
 
