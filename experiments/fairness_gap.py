@@ -604,6 +604,7 @@ def run_model(model_name: str, cfg: Config, ds: data.Dataset, *, out: str, seed:
         if (method, scope) in done:
             continue
         t0 = time.perf_counter()
+        name = variant_name(method, None if scope == "full" else recipe["last_k"])
         if method == "Original":
             row = _finish({"model": model_name, "method": "Original", "scope": "full",
                            "time_s": train_s, "epochs": recipe["train"]["epochs"],
@@ -613,9 +614,9 @@ def run_model(model_name: str, cfg: Config, ds: data.Dataset, *, out: str, seed:
             try:
                 row = run_variant(method, None if scope == "full" else recipe["last_k"], ctx)
             except FloatingPointError as e:  # a diverging method is a finding, not the end of the study
-                row = {"model": model_name, "method": method, "scope": scope, "diverged": str(e)}
+                row = {"model": model_name, "method": method, "scope": scope, "diverged": f"{name}: {e}"}
         row["seed"] = seed
-        label = f"  {model_name:9s} {variant_name(method, None if scope == 'full' else recipe['last_k']):22s}"
+        label = f"  {model_name:9s} {name:22s}"
         if "diverged" in row:
             print(f"{label} DIVERGED ({row['diverged']}); left out of every table", flush=True)
         else:
@@ -633,8 +634,7 @@ def run_model(model_name: str, cfg: Config, ds: data.Dataset, *, out: str, seed:
             "norm_layers": norm_order, "forget_class": cfg.forget_class,
             "sizes": {s: data.split_size(v) for s, v in splits.items()},
             "rows": mine, "correlations": correlations(mine), "savings": savings(mine),
-            "diverged": [f"{variant_name(r['method'], None if r['scope'] == 'full' else recipe['last_k'])}: "
-                         f"{r['diverged']}" for r in (done[t] for t in todo) if "diverged" in r]}
+            "diverged": [done[t]["diverged"] for t in todo if "diverged" in done[t]]}
 
 
 # ----------------------------------------------------------------------------- analysis

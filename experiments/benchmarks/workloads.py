@@ -485,12 +485,11 @@ def make_r(s: SpecR) -> dict:
 
     f0 = jnp.concatenate([flat[k].ravel() for k in keys])
 
-    def ce(f, x, y):
-        logits, _ = model.apply({**variables, "params": unravel(f)}, x, train=False)
-        return losses.cross_entropy(logits, y)
-
     def logits_of(f, x):
         return model.apply({**variables, "params": unravel(f)}, x, train=False)[0]
+
+    def ce(f, x, y):
+        return losses.cross_entropy(logits_of(f, x), y)
 
     @jax.jit
     def matmat(f, V, x, y):
